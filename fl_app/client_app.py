@@ -1,0 +1,106 @@
+"""The FLUIDS ``ClientApp``: train the autoencoder on a device's unlabelled traffic.
+
+Each client service hosts this app with a node config that names its data shard
+and the device it emulates:
+
+- ``data-path``: the client's feature matrix (``.npz``);
+- ``ms-per-sample`` and ``kbps``: the device's speed from the FedScale trace;
+- ``time-scale``: wall seconds per emulated second, so that a run stays short
+  while the mesh still sees fast and slow devices;
+- ``fail-rate``: the share of training requests on which the device fails;
+- ``seed``: the client's seed.
+
+The reply carries the updated weights and, for the controller, the training loss
+and the emulated seconds the round took on the device.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from functools import cache
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fl_app import data, devices, model
+
+app = ClientApp()
+
+
+class EmulatedDeviceFailure(RuntimeError):
+    """The emulated device failed this request, as a flaky device would."""
+
+
+@cache
+def _shard(path: str) -> np.ndarray:
+    return data.load_client_shard(path)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """One round of local training on the client's own data."""
+    started = time.monotonic()
+    node = context.node_config
+    config = msg.content["config"]
+    server_round = int(config.get("server-round", 0))
+    seed = int(node.get("seed", 0)) * 10_000 + server_round
+    torch.set_num_threads(1)
+
+    x = _shard(str(node["data-path"]))
+    arrays = msg.content["arrays"]
+    autoencoder = model.build_autoencoder(x.shape[1])
+    autoencoder.load_state_dict(arrays.to_torch_state_dict())
+    local_steps = int(config.get("local-steps", 100))
+    batch_size = int(config.get("batch-size", 64))
+    loss = model.train_autoencoder(
+        autoencoder,
+        x,
+        local_steps=local_steps,
+        batch_size=batch_size,
+        lr=float(config.get("lr", 3e-3)),
+        seed=seed,
+    )
+
+    # Emulate the device: its round takes as long as FedScale's formula says,
+    # scaled to wall time, and a flaky device fails part of its requests midway.
+    device = devices.DeviceProfile(
+        trace_id=-1,
+        compute_ms_per_sample=float(node["ms-per-sample"]),
+        bandwidth_kbps=float(node["kbps"]),
+    )
+    compute_s, comm_s = device.round_seconds(
+        batch_size, local_steps, _model_bytes(arrays)
+    )
+    emulated_s = compute_s + comm_s
+    wall_s = emulated_s * float(node.get("time-scale", 0.0))
+    if random.Random(seed).random() < float(node.get("fail-rate", 0.0)):
+        _sleep_until(started + wall_s / 2)
+        raise EmulatedDeviceFailure(f"device failed in round {server_round}")
+    _sleep_until(started + wall_s)
+
+    reply = RecordDict(
+        {
+            "arrays": ArrayRecord(autoencoder.state_dict()),
+            "metrics": MetricRecord(
+                {
+                    "num-examples": int(len(x)),
+                    "train-loss": float(loss),
+                    "emulated-s": float(emulated_s),
+                }
+            ),
+        }
+    )
+    return Message(content=reply, reply_to=msg)
+
+
+def _model_bytes(arrays: ArrayRecord) -> int:
+    return sum(len(array.data) for array in arrays.values())
+
+
+def _sleep_until(deadline: float) -> None:
+    remaining = deadline - time.monotonic()
+    if remaining > 0:
+        time.sleep(remaining)

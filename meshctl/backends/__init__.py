@@ -1,0 +1,1 @@
+"""Backends: where the routing objects are written (a directory, a cluster)."""

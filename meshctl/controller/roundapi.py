@@ -1,0 +1,187 @@
+"""The round API: how an FL server asks the controller to arm a round.
+
+``POST /v1/rounds/arm`` with ``{"server_round": r, "per_round": k}`` answers
+``{"server_round": r, "slots": [1, ...], "routing_version": "..."}`` once the
+routes for the round are served.  ``POST /v1/rounds/feedback`` with
+``{"server_round": r, "outcomes": [{"slot": 1, "status": "ok", ...}]}`` hands
+the controller the round's per-slot outcomes.  ``GET /healthz`` answers 200.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import threading
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+
+from meshctl.controller.cycle import ArmError, Controller
+from meshctl.types import ArmedRound, SlotOutcome
+
+log = logging.getLogger("meshctl.roundapi")
+
+ARM_PATH = "/v1/rounds/arm"
+FEEDBACK_PATH = "/v1/rounds/feedback"
+MAX_BODY_BYTES = 1024 * 1024
+
+
+class RoundAPIError(RuntimeError):
+    """The round API refused a call or could not be reached."""
+
+
+class BadRequest(ValueError):
+    """A call whose body does not hold what the endpoint needs."""
+
+
+def _outcome_from_json(server_round: int, item: object) -> SlotOutcome:
+    if not isinstance(item, dict):
+        raise BadRequest("each outcome must be an object")
+    known = {f.name for f in dataclasses.fields(SlotOutcome)} - {"server_round"}
+    unknown = set(item) - known
+    if unknown:
+        raise BadRequest(f"unknown outcome fields: {sorted(unknown)}")
+    try:
+        return SlotOutcome(server_round=server_round, **item)
+    except TypeError as exc:
+        raise BadRequest(f"outcome: {exc}") from exc
+
+
+def _int_field(body: dict, name: str) -> int:
+    value = body.get(name)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise BadRequest(f"'{name}' must be a positive integer")
+    return value
+
+
+class RoundAPIServer:
+    """Serves the round API of ``controller`` on ``host:port`` in a thread."""
+
+    def __init__(self, controller: Controller, host: str = "127.0.0.1", port: int = 0):
+        self._controller = controller
+        self._server = ThreadingHTTPServer((host, port), self._handler())
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="round-api", daemon=True
+        )
+
+    @property
+    def url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> RoundAPIServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def _arm(self, body: dict) -> dict:
+        armed = self._controller.arm(
+            _int_field(body, "server_round"), _int_field(body, "per_round")
+        )
+        return {
+            "server_round": armed.server_round,
+            "slots": list(armed.slots),
+            "routing_version": armed.routing_version,
+        }
+
+    def _feedback(self, body: dict) -> dict:
+        server_round = _int_field(body, "server_round")
+        outcomes = body.get("outcomes")
+        if not isinstance(outcomes, list):
+            raise BadRequest("'outcomes' must be a list")
+        parsed = [_outcome_from_json(server_round, item) for item in outcomes]
+        return {"recorded": len(self._controller.record_feedback(server_round, parsed))}
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        routes = {ARM_PATH: self._arm, FEEDBACK_PATH: self._feedback}
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+                status = HTTPStatus.OK if self.path == "/healthz" else HTTPStatus.NOT_FOUND
+                self._send(status, {"status": status.phrase})
+
+            def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
+                endpoint = routes.get(self.path)
+                if endpoint is None:
+                    self._send(HTTPStatus.NOT_FOUND, {"error": f"no route {self.path}"})
+                    return
+                try:
+                    self._send(HTTPStatus.OK, endpoint(self._body()))
+                except BadRequest as exc:
+                    self._send(HTTPStatus.BAD_REQUEST, {"error": str(exc)})
+                except ArmError as exc:
+                    log.error("%s", exc)
+                    self._send(HTTPStatus.SERVICE_UNAVAILABLE, {"error": str(exc)})
+
+            def _body(self) -> dict:
+                length = int(self.headers.get("content-length") or 0)
+                if length > MAX_BODY_BYTES:
+                    raise BadRequest(f"body of {length} bytes is too large")
+                try:
+                    body = json.loads(self.rfile.read(length) or b"null")
+                except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                    raise BadRequest(f"body is not JSON: {exc}") from exc
+                if not isinstance(body, dict):
+                    raise BadRequest("body must be a JSON object")
+                return body
+
+            def _send(self, status: HTTPStatus, payload: dict) -> None:
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+                log.debug("%s %s", self.address_string(), format % args)
+
+        return Handler
+
+
+class RoundAPIClient:
+    """What an FL server uses to talk to the controller's round API."""
+
+    def __init__(self, url: str, *, per_round: int, timeout_s: float = 120.0) -> None:
+        self._http = httpx.Client(base_url=url, timeout=timeout_s)
+        self.per_round = per_round
+
+    def arm(self, server_round: int) -> ArmedRound:
+        body = self._post(
+            ARM_PATH, {"server_round": server_round, "per_round": self.per_round}
+        )
+        return ArmedRound(
+            server_round=body["server_round"],
+            slots=tuple(body["slots"]),
+            routing_version=body["routing_version"],
+        )
+
+    def report(self, server_round: int, outcomes: list[SlotOutcome]) -> None:
+        items = [
+            {k: v for k, v in dataclasses.asdict(o).items() if k != "server_round"}
+            for o in outcomes
+        ]
+        self._post(FEEDBACK_PATH, {"server_round": server_round, "outcomes": items})
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _post(self, path: str, payload: dict) -> dict:
+        try:
+            response = self._http.post(path, json=payload)
+        except httpx.HTTPError as exc:
+            raise RoundAPIError(f"round API at {self._http.base_url}: {exc}") from exc
+        if response.status_code != 200:
+            raise RoundAPIError(
+                f"round API {path} answered {response.status_code}: "
+                f"{response.text[:300]}"
+            )
+        return response.json()

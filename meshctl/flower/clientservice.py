@@ -1,0 +1,221 @@
+"""An HTTP service that hosts one Flower ``ClientApp``: one FL client, one process.
+
+The service is what a pod runs in a cluster and what a local process runs in the
+embedded mesh.  It knows nothing of slots or selection: the mesh decides which
+requests reach it.  Each request carries one serialised ``Message``; the reply
+carries the ``ClientApp``'s reply ``Message``.  A failure of the app becomes an
+HTTP 500 with a short reason, so that the mesh's telemetry sees it.
+
+Run it as ``python -m meshctl.flower.clientservice --app MODULE:ATTR ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Mapping
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from flwr.app import Context, RecordDict
+from flwr.clientapp import ClientApp
+
+from meshctl import protocol
+from meshctl.flower import internals
+
+log = logging.getLogger("meshctl.clientservice")
+
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+class ClientAppError(RuntimeError):
+    """The hosted ``ClientApp`` failed on a message."""
+
+
+def load_client_app(spec: str) -> ClientApp:
+    """Import ``module:attribute`` and check that it is a ``ClientApp``."""
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise ValueError(f"--app must look like 'module:attribute', got {spec!r}")
+    app = getattr(importlib.import_module(module_name), attribute, None)
+    if not isinstance(app, ClientApp):
+        raise ValueError(f"{spec} is not a flwr.clientapp.ClientApp")
+    return app
+
+
+def parse_config(text: str) -> dict[str, bool | float | int | str]:
+    """Parse Flower's ``key=value key=value`` config syntax into typed values."""
+    config: dict[str, bool | float | int | str] = {}
+    for item in text.split():
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"config item {item!r} is not key=value")
+        config[key] = _typed(raw)
+    return config
+
+
+def _typed(raw: str) -> bool | float | int | str:
+    if raw in ("true", "false"):
+        return raw == "true"
+    for kind in (int, float):
+        try:
+            return kind(raw)
+        except ValueError:
+            pass
+    return raw.strip('"')
+
+
+class ClientService:
+    """Runs a ``ClientApp`` on the messages that reach it, one at a time."""
+
+    def __init__(
+        self,
+        app: ClientApp,
+        *,
+        name: str,
+        node_id: int,
+        node_config: Mapping[str, bool | float | int | str],
+        run_id: int = 1,
+    ) -> None:
+        self.name = name
+        self._app = app
+        self._context = Context(
+            run_id=run_id,
+            node_id=node_id,
+            node_config=dict(node_config),
+            state=RecordDict(),
+            run_config={},
+        )
+        self._lock = threading.Lock()
+        internals.set_task_identity(run_id=run_id, node_id=node_id)
+
+    def handle(self, body: bytes) -> bytes:
+        """Decode one message, run the app on it and encode the reply."""
+        message = internals.message_from_bytes(body)
+        with self._lock:
+            try:
+                reply = self._app(message, self._context)
+            except Exception as exc:
+                raise ClientAppError(f"{type(exc).__name__}: {exc}") from exc
+        return internals.message_to_bytes(reply)
+
+
+def make_handler(
+    service: ClientService, max_message_bytes: int
+) -> type[BaseHTTPRequestHandler]:
+    """An HTTP handler class bound to ``service``."""
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+            if self.path == protocol.HEALTH_PATH:
+                self._reply(HTTPStatus.OK, b"ok\n", "text/plain")
+            else:
+                self._reply(HTTPStatus.NOT_FOUND, b"not found\n", "text/plain")
+
+        def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
+            if self.path != protocol.MESSAGE_PATH:
+                self._reply(HTTPStatus.NOT_FOUND, b"not found\n", "text/plain")
+                return
+            length = int(self.headers.get("content-length") or 0)
+            if length > max_message_bytes:
+                self._reject(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"{length} bytes")
+                return
+            self._serve_message(self.rfile.read(length))
+
+        def _serve_message(self, body: bytes) -> None:
+            started = time.monotonic()
+            try:
+                reply = service.handle(body)
+            except internals.WireError as exc:
+                self._reject(HTTPStatus.BAD_REQUEST, str(exc))
+            except ClientAppError as exc:
+                self._reject(HTTPStatus.INTERNAL_SERVER_ERROR, str(exc))
+            else:
+                self._reply(HTTPStatus.OK, reply, protocol.MESSAGE_CONTENT_TYPE)
+                log.info(
+                    "%s served round %s slot %s in %.2fs",
+                    service.name,
+                    self.headers.get(protocol.ROUND_HEADER, "?"),
+                    self.headers.get(protocol.SLOT_HEADER, "?"),
+                    time.monotonic() - started,
+                )
+
+        def _reject(self, status: HTTPStatus, reason: str) -> None:
+            log.warning("%s rejected a message: %d %s", service.name, status, reason)
+            self._reply(status, reason[:500].encode() + b"\n", "text/plain")
+
+        def _reply(self, status: HTTPStatus, body: bytes, content_type: str) -> None:
+            self.send_response(status)
+            self.send_header("content-type", content_type)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            try:
+                self.wfile.write(body)
+            except (BrokenPipeError, ConnectionResetError):
+                # The caller gave up (its deadline passed); nothing is left to do.
+                log.info("%s: the caller left before the reply was sent", service.name)
+
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+            log.debug("%s %s", self.address_string(), format % args)
+
+    return Handler
+
+
+def serve(
+    service: ClientService,
+    *,
+    host: str,
+    port: int,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+) -> ThreadingHTTPServer:
+    """Bind the service; the caller runs ``serve_forever`` and ``shutdown``."""
+    server = ThreadingHTTPServer((host, port), make_handler(service, max_message_bytes))
+    server.daemon_threads = True
+    return server
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command-line entry point of a client service process."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=os.environ.get("MESHCTL_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    service = ClientService(
+        load_client_app(args.app),
+        name=args.name,
+        node_id=args.node_id,
+        node_config=parse_config(args.node_config),
+    )
+    server = serve(service, host=args.host, port=args.port)
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
+    log.info("%s listening on %s:%d", args.name, args.host, args.port)
+    try:
+        server.serve_forever(poll_interval=0.2)
+    finally:
+        server.server_close()
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--app", required=True, help="the ClientApp, as module:attr")
+    parser.add_argument("--name", required=True, help="client id, e.g. c-03")
+    parser.add_argument("--node-id", type=int, default=0, help="Flower node id")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind")
+    parser.add_argument("--port", type=int, required=True, help="port to bind")
+    parser.add_argument(
+        "--node-config", default="", help="Flower node config: 'key=value ...'"
+    )
+    return parser
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,318 @@
+"""Per-client telemetry from a local Envoy's own statistics.
+
+Each client is a subset, so Envoy keeps its numbers in the cluster
+``outbound|80|<client>|fl-clients``.  :class:`EnvoyStatsSource` reads
+``/stats/prometheus`` into a :class:`Snapshot` (cumulative counters and
+histogram buckets at one monotonic instant); :func:`window` turns two snapshots
+into per-client telemetry, as a Prometheus ``rate()`` and ``histogram_quantile()``
+over the same interval would.
+
+What Envoy's admin shows, and so what a snapshot holds:
+
+- counters (``upstream_rq_total``, ``upstream_rq_<class>xx``) are live: a request
+  counts as soon as its upstream request starts (total) or its response completes
+  (class), with no wait for a stats flush;
+- histograms (``upstream_rq_time``) are merged only at each stats flush (every
+  second for the local mesh), so latency lags the counters by up to one flush
+  interval.  Read a window's latency at least one interval after its traffic.
+- ``upstream_rq_total`` counts upstream attempts: a retried request counts once per
+  attempt, and a request answered by the mesh itself (a fault, a direct response,
+  no healthy upstream) does not reach it.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from meshctl import protocol
+from meshctl.types import ClientState, ClientTelemetry
+
+DEFAULT_FAILING_RATIO = 0.5
+
+# Only the per-cluster series that the telemetry needs.
+_STATS_FILTER = (
+    r"^cluster\.outbound\|.*\.(upstream_rq_total|upstream_rq_[1-5]xx|upstream_rq_time)$"
+)
+# prometheus_client's parser names every counter sample ``<family>_total``, so the
+# per-class counter reads as ``..._rq_xx_total`` and the per-code one, like the
+# total, as ``..._rq_total`` (told apart by its ``envoy_response_code`` label).
+_TOTAL = "envoy_cluster_upstream_rq_total"
+_CLASSES = ("envoy_cluster_upstream_rq_xx", "envoy_cluster_upstream_rq_xx_total")
+_BUCKET = "envoy_cluster_upstream_rq_time_bucket"
+_COUNT = "envoy_cluster_upstream_rq_time_count"
+
+
+class EnvoyStatsError(RuntimeError):
+    """Envoy's statistics could not be read; callers keep their last routes."""
+
+
+@dataclass(frozen=True)
+class ClientCounters:
+    """One client's cumulative counters at one instant.
+
+    ``responses_by_class`` maps a response code class ("2", "5", ...) to a count;
+    ``latency_buckets`` holds ``(upper bound in ms, cumulative count)`` pairs in
+    increasing order, the last bound being infinity.
+    """
+
+    requests_total: int = 0
+    responses_by_class: Mapping[str, int] = field(default_factory=dict)
+    latency_buckets: tuple[tuple[float, int], ...] = ()
+    latency_count: int = 0
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Every client's counters, taken at ``taken_at`` (``time.monotonic()``)."""
+
+    taken_at: float
+    clients: Mapping[str, ClientCounters]
+
+
+# -------------------------------------------------------------------- parsing
+
+
+def parse_prometheus(
+    text: str, host: str = protocol.SERVICE_HOST
+) -> dict[str, ClientCounters]:
+    """Per-client counters from Envoy's Prometheus text for the subsets of ``host``."""
+    totals: dict[str, int] = {}
+    classes: dict[str, dict[str, int]] = collections.defaultdict(dict)
+    buckets: dict[str, list[tuple[float, int]]] = collections.defaultdict(list)
+    counts: dict[str, int] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            client = _client_of(sample.labels.get("envoy_cluster_name", ""), host)
+            if client is None:
+                continue
+            value = int(sample.value)
+            if sample.name == _TOTAL and "envoy_response_code" not in sample.labels:
+                totals[client] = value
+            elif sample.name in _CLASSES:
+                code_class = sample.labels.get("envoy_response_code_class", "")
+                classes[client][code_class] = value
+            elif sample.name == _BUCKET:
+                buckets[client].append((float(sample.labels["le"]), value))
+            elif sample.name == _COUNT:
+                counts[client] = value
+    return {
+        client: ClientCounters(
+            requests_total=totals.get(client, 0),
+            responses_by_class=dict(classes.get(client, {})),
+            latency_buckets=tuple(sorted(buckets.get(client, []))),
+            latency_count=counts.get(client, 0),
+        )
+        for client in set(totals) | set(classes) | set(buckets)
+    }
+
+
+def _client_of(cluster: str, host: str) -> str | None:
+    """The subset (client id) of an outbound cluster of ``host``, or None."""
+    parts = cluster.split("|")
+    if len(parts) != 4 or parts[0] != "outbound" or parts[3] != host:
+        return None
+    if parts[1] != str(protocol.SERVICE_PORT) or not parts[2]:
+        return None
+    return parts[2]
+
+
+# --------------------------------------------------------------------- windows
+
+
+def served_by(older: Snapshot, newer: Snapshot) -> dict[str, int]:
+    """Upstream requests per client between two snapshots (clients with > 0)."""
+    served = {}
+    for client, counters in newer.clients.items():
+        before = older.clients.get(client, ClientCounters())
+        requests = _delta(before.requests_total, counters.requests_total)
+        if requests > 0:
+            served[client] = requests
+    return served
+
+
+def window(
+    older: Snapshot,
+    newer: Snapshot,
+    failing_ratio: float = DEFAULT_FAILING_RATIO,
+) -> dict[str, ClientTelemetry]:
+    """Per-client telemetry between two snapshots, for every client in ``newer``.
+
+    A counter lower in ``newer`` was reset (its cluster was recreated): like
+    Prometheus, the newer value is taken as the increase.  The error ratio is the
+    share of 5xx among completed responses.  A client that completed no response
+    is UNOBSERVED and carries no numbers.
+    """
+    duration_s = newer.taken_at - older.taken_at
+    empty = ClientCounters()
+    return {
+        client: _telemetry(
+            client,
+            older.clients.get(client, empty),
+            counters,
+            duration_s,
+            failing_ratio,
+        )
+        for client, counters in sorted(newer.clients.items())
+    }
+
+
+def _telemetry(
+    client: str,
+    before: ClientCounters,
+    after: ClientCounters,
+    duration_s: float,
+    failing_ratio: float,
+) -> ClientTelemetry:
+    """One client's telemetry from its counters at both ends of a window."""
+    requests = _delta(before.requests_total, after.requests_total)
+    responses = {
+        code_class: _delta(before.responses_by_class.get(code_class, 0), count)
+        for code_class, count in after.responses_by_class.items()
+    }
+    completed = sum(responses.values())
+    if completed == 0:
+        return ClientTelemetry(client=client, state=ClientState.UNOBSERVED)
+
+    error_ratio = responses.get("5", 0) / completed
+    buckets = _bucket_increase(before, after)
+    state = (
+        ClientState.FAILING if error_ratio >= failing_ratio else ClientState.OBSERVED
+    )
+    return ClientTelemetry(
+        client=client,
+        state=state,
+        requests=requests,
+        requests_per_s=requests / duration_s if duration_s > 0 else None,
+        error_ratio=error_ratio,
+        latency_p50_ms=histogram_quantile(0.5, buckets),
+        latency_p95_ms=histogram_quantile(0.95, buckets),
+    )
+
+
+def _delta(before: int, after: int) -> int:
+    """A counter's increase; a counter that went down was reset."""
+    return after - before if after >= before else after
+
+
+def _bucket_increase(
+    before: ClientCounters, after: ClientCounters
+) -> list[tuple[float, int]]:
+    """Cumulative bucket increases; the newer buckets whole after a reset."""
+    old = dict(before.latency_buckets)
+    if after.latency_count < before.latency_count or any(
+        count < old.get(bound, 0) for bound, count in after.latency_buckets
+    ):
+        return list(after.latency_buckets)
+    return [
+        (bound, count - old.get(bound, 0)) for bound, count in after.latency_buckets
+    ]
+
+
+def histogram_quantile(q: float, buckets: list[tuple[float, int]]) -> float | None:
+    """The ``q`` quantile of cumulative ``(upper bound, count)`` buckets.
+
+    Linear interpolation inside the bucket that holds the rank, the first bucket
+    starting at 0, as Prometheus' ``histogram_quantile`` does; a rank in the
+    infinite bucket gives the highest finite bound.  None without observations.
+    """
+    buckets = sorted(buckets)
+    if not buckets or buckets[-1][1] <= 0:
+        return None
+    rank = q * buckets[-1][1]
+    lower_bound, lower_count = 0.0, 0
+    for bound, count in buckets:
+        if count >= rank:
+            if math.isinf(bound):
+                return lower_bound
+            if count == lower_count:
+                return bound
+            share = (rank - lower_count) / (count - lower_count)
+            return lower_bound + (bound - lower_bound) * share
+        lower_bound, lower_count = bound, count
+    return lower_bound
+
+
+# ---------------------------------------------------------------------- source
+
+
+class EnvoyStatsSource:
+    """Reads a local Envoy's statistics and keeps recent snapshots.
+
+    Every :meth:`snapshot` is kept for ``keep_s`` seconds, so :meth:`read` can
+    answer for any window up to that long.
+    """
+
+    def __init__(
+        self,
+        admin_url: str,
+        host: str = protocol.SERVICE_HOST,
+        *,
+        failing_ratio: float = DEFAULT_FAILING_RATIO,
+        keep_s: float = 900.0,
+        timeout_s: float = 5.0,
+    ) -> None:
+        self.admin_url = admin_url.rstrip("/")
+        self.host = host
+        self.failing_ratio = failing_ratio
+        self.keep_s = keep_s
+        self.timeout_s = timeout_s
+        self._history: collections.deque[Snapshot] = collections.deque()
+
+    def snapshot(self) -> Snapshot:
+        """Read every client's counters now, and remember them."""
+        text = self._fetch()
+        taken = Snapshot(
+            taken_at=time.monotonic(), clients=parse_prometheus(text, self.host)
+        )
+        self._history.append(taken)
+        while (
+            self._history and taken.taken_at - self._history[0].taken_at > self.keep_s
+        ):
+            self._history.popleft()
+        return taken
+
+    def read(self, window_s: float) -> dict[str, ClientTelemetry]:
+        """Telemetry from the oldest kept snapshot within ``window_s`` until now.
+
+        Takes a snapshot now.  Without an earlier snapshot in the window (the first
+        call, or calls further apart than ``window_s``), every client is
+        UNOBSERVED: no data is never a number.
+        """
+        history = list(self._history)
+        newer = self.snapshot()
+        older = next(
+            (s for s in history if newer.taken_at - s.taken_at <= window_s), None
+        )
+        if older is None:
+            older = newer
+        return window(older, newer, self.failing_ratio)
+
+    def window(self, older: Snapshot, newer: Snapshot) -> dict[str, ClientTelemetry]:
+        """:func:`window` with this source's failing ratio."""
+        return window(older, newer, self.failing_ratio)
+
+    def served_by(self, older: Snapshot, newer: Snapshot) -> dict[str, int]:
+        """:func:`served_by`: upstream requests per client between two snapshots."""
+        return served_by(older, newer)
+
+    def _fetch(self) -> str:
+        """Envoy's per-cluster statistics in Prometheus text format."""
+        url = f"{self.admin_url}/stats/prometheus"
+        try:
+            response = httpx.get(
+                url, params={"filter": _STATS_FILTER}, timeout=self.timeout_s
+            )
+            response.raise_for_status()
+        except httpx.HTTPError as error:
+            raise EnvoyStatsError(
+                f"cannot read Envoy statistics at {url}: {error}; "
+                "no telemetry this cycle, the routes stay as they are"
+            ) from error
+        return response.text

@@ -1,0 +1,101 @@
+"""Shared fixtures: tiny HTTP client services and a real local Envoy mesh."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from meshctl import protocol
+from meshctl.localmesh.envoy import LocalMesh
+from meshctl.types import Workload
+
+
+@dataclass
+class Backend:
+    """A client service stand-in that answers every request with its name."""
+
+    name: str
+    server: ThreadingHTTPServer
+
+    @property
+    def workload(self) -> Workload:
+        """The workload a subset selects this backend by."""
+        labels = {
+            protocol.CLIENT_LABEL: self.name,
+            protocol.APP_LABEL: protocol.APP_VALUE,
+        }
+        return Workload(self.name, "127.0.0.1", self.server.server_address[1], labels)
+
+
+def _handler(
+    name: str, delay_s: float, fail_every: int
+) -> type[BaseHTTPRequestHandler]:
+    """A request handler: sleeps ``delay_s``; every ``fail_every``-th answer is 500."""
+    counter = iter(range(1, 1 << 62))
+    lock = threading.Lock()
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True
+
+        def _answer(self) -> None:
+            length = int(self.headers.get("content-length") or 0)
+            self.rfile.read(length)
+            with lock:
+                count = next(counter)
+            time.sleep(delay_s)
+            status = 500 if fail_every and count % fail_every == 0 else 200
+            body = name.encode()
+            self.send_response(status)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = _answer
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    return Handler
+
+
+@pytest.fixture
+def http_backends() -> Iterator[Callable[..., Backend]]:
+    """Start named HTTP backends on loopback: ``start(name, delay_s=, fail_every=)``."""
+    servers: list[ThreadingHTTPServer] = []
+
+    def start(name: str, *, delay_s: float = 0.0, fail_every: int = 0) -> Backend:
+        server = ThreadingHTTPServer(
+            ("127.0.0.1", 0), _handler(name, delay_s, fail_every)
+        )
+        servers.append(server)
+        serve = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+        serve.start()
+        return Backend(name, server)
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def local_mesh(tmp_path: Path) -> Iterator[Callable[..., LocalMesh]]:
+    """Start real Envoy meshes in ``tmp_path``; every one is stopped at teardown."""
+    meshes: list[LocalMesh] = []
+
+    def start(workloads: list[Workload], **options: object) -> LocalMesh:
+        work_dir = tmp_path / f"mesh-{len(meshes)}"
+        mesh = LocalMesh(work_dir, workloads=workloads, **options)
+        meshes.append(mesh)
+        return mesh.start()
+
+    yield start
+    for mesh in meshes:
+        mesh.stop()

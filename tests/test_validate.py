@@ -1,0 +1,345 @@
+"""Validation: meshctl's rules, the CRD schema, and YAML files."""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from meshctl.routing import validate
+from meshctl.routing.errors import RoutingError
+
+DEFAULT_CRDS = "/work/shared/data/istio/crd-all.gen.yaml"
+
+
+@pytest.fixture(scope="module")
+def crd_path() -> Path:
+    """Istio's CRDs from ``MESHCTL_ISTIO_CRDS`` or the shared data."""
+    path = Path(os.environ.get("MESHCTL_ISTIO_CRDS", DEFAULT_CRDS))
+    if not path.exists():
+        pytest.skip(f"Istio CRDs not found at {path}; set MESHCTL_ISTIO_CRDS")
+    return path
+
+
+@pytest.fixture(scope="module")
+def istio_schemas(crd_path: Path) -> dict:
+    return validate.load_crd_schemas(crd_path)
+
+
+def _vs() -> dict:
+    return {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "VirtualService",
+        "metadata": {"name": "fl-clients", "namespace": "fl"},
+        "spec": {
+            "hosts": ["fl-clients"],
+            "http": [
+                {
+                    "name": "meshctl-slot-1",
+                    "match": [{"headers": {"x-fl-slot": {"exact": "1"}}}],
+                    "route": [
+                        {"destination": {"host": "fl-clients", "subset": "c-01"}}
+                    ],
+                },
+                {
+                    "name": "split",
+                    "route": [
+                        {
+                            "destination": {"host": "fl-clients", "subset": "c-01"},
+                            "weight": 60,
+                        },
+                        {
+                            "destination": {"host": "fl-clients", "subset": "c-02"},
+                            "weight": 40,
+                        },
+                    ],
+                },
+            ],
+        },
+    }
+
+
+def _dr() -> dict:
+    return {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "DestinationRule",
+        "metadata": {"name": "fl-clients", "namespace": "fl"},
+        "spec": {
+            "host": "fl-clients",
+            "subsets": [
+                {"name": "c-01", "labels": {"pod": "c-01"}},
+                {"name": "c-02", "labels": {"pod": "c-02"}},
+            ],
+        },
+    }
+
+
+def _route(vs: dict, i: int) -> dict:
+    return vs["spec"]["http"][i]
+
+
+def _set_object_name(objs: list[dict]) -> None:
+    objs[0]["metadata"]["name"] = "FL_clients"
+
+
+def _set_namespace(objs: list[dict]) -> None:
+    objs[0]["metadata"]["namespace"] = "fl.prod"
+
+
+def _upper_header(objs: list[dict]) -> None:
+    _route(objs[0], 0)["match"] = [{"headers": {"X-FL-Slot": {"exact": "1"}}}]
+
+
+def _long_regex(objs: list[dict]) -> None:
+    _route(objs[0], 0)["match"] = [{"uri": {"regex": "a" * 1025}}]
+
+
+def _float_weight(objs: list[dict]) -> None:
+    _route(objs[0], 1)["route"][0]["weight"] = 60.5
+
+
+def _negative_weight(objs: list[dict]) -> None:
+    _route(objs[0], 1)["route"][0]["weight"] = -1
+
+
+def _no_weights(objs: list[dict]) -> None:
+    for entry in _route(objs[0], 1)["route"]:
+        del entry["weight"]
+
+
+def _zero_sum(objs: list[dict]) -> None:
+    for entry in _route(objs[0], 1)["route"]:
+        entry["weight"] = 0
+
+
+def _missing_subset(objs: list[dict]) -> None:
+    objs[1]["spec"]["subsets"].pop()
+
+
+def _bad_subset_name(objs: list[dict]) -> None:
+    objs[1]["spec"]["subsets"].append({"name": "C_03", "labels": {"pod": "c-03"}})
+
+
+def _duplicate_subset(objs: list[dict]) -> None:
+    objs[1]["spec"]["subsets"].append({"name": "c-01", "labels": {"pod": "c-03"}})
+
+
+def _duplicate_route_name(objs: list[dict]) -> None:
+    _route(objs[0], 1)["name"] = "meshctl-slot-1"
+
+
+def _no_routes(objs: list[dict]) -> None:
+    objs[0]["spec"]["http"] = []
+
+
+def _route_without_action(objs: list[dict]) -> None:
+    del _route(objs[0], 0)["route"]
+
+
+def _destination_without_host(objs: list[dict]) -> None:
+    del _route(objs[0], 0)["route"][0]["destination"]["host"]
+
+
+def _dr_without_host(objs: list[dict]) -> None:
+    del objs[1]["spec"]["host"]
+
+
+RULE_CASES: list[tuple[Callable[[list[dict]], None], str, str]] = [
+    (_set_object_name, "metadata.name", "not a DNS-1123 subdomain"),
+    (_set_namespace, "metadata.namespace", "not a DNS-1123 label"),
+    (_upper_header, "spec.http[0].match[0].headers.X-FL-Slot", "lower case"),
+    (_long_regex, "spec.http[0].match[0].uri.regex", "1025 chars, over 1024"),
+    (_float_weight, "spec.http[1].route[0].weight", "not an integer >= 0"),
+    (_negative_weight, "spec.http[1].route[0].weight", "not an integer >= 0"),
+    (_no_weights, "spec.http[1].route", "2 destinations and no weights"),
+    (_zero_sum, "spec.http[1].route", "weights sum to 0"),
+    (_missing_subset, "spec.http[1].route[1].destination.subset", "not defined"),
+    (_bad_subset_name, "spec.subsets[2].name", "not a DNS-1123 label"),
+    (_duplicate_subset, "spec.subsets[2].name", "defined twice"),
+    (_duplicate_route_name, "spec.http[1].name", "repeats spec.http[0]"),
+    (_no_routes, "spec", "has no route"),
+    (_route_without_action, "spec.http[0]", "no destination, redirect"),
+    (_destination_without_host, "spec.http[0].route[0].destination.host", "missing"),
+    (_dr_without_host, "spec.host", "missing"),
+]
+
+
+def test_the_valid_pair_has_no_problems(istio_schemas: dict) -> None:
+    assert validate.validate_objects([_vs(), _dr()], schemas=istio_schemas) == []
+
+
+@pytest.mark.parametrize(
+    ("breaks", "path", "message"),
+    RULE_CASES,
+    ids=[case[0].__name__.lstrip("_").replace("_", "-") for case in RULE_CASES],
+)
+def test_each_meshctl_rule_flags_its_broken_field(
+    breaks: Callable[[list[dict]], None], path: str, message: str
+) -> None:
+    objs = [_vs(), _dr()]
+    breaks(objs)
+
+    problems = validate.validate_objects(objs, source="case.yaml")
+
+    assert [p.path for p in problems] == [path]
+    assert message in problems[0].message
+
+
+def test_several_destinations_without_weights_are_not_an_even_split() -> None:
+    vs = _vs()
+    _no_weights([vs])
+
+    (problem,) = validate.validate_objects([vs])
+
+    assert problem.object == "VirtualService fl/fl-clients"
+    assert "no weights" in problem.message
+
+
+def test_references_are_not_checked_without_a_destination_rule_in_the_batch() -> None:
+    vs = _vs()
+    _route(vs, 0)["route"][0]["destination"]["subset"] = "c-99"
+
+    assert validate.validate_objects([vs]) == []
+
+
+def test_references_match_a_destination_rule_host_given_as_fqdn() -> None:
+    dr = _dr()
+    dr["spec"]["host"] = "fl-clients.fl.svc.cluster.local"
+    dr["spec"]["subsets"].pop()
+
+    problems = validate.validate_objects([_vs(), dr])
+
+    assert [p.path for p in problems] == ["spec.http[1].route[1].destination.subset"]
+
+
+def test_a_problem_is_one_line_naming_source_object_path_and_message() -> None:
+    problem = validate.Problem(
+        "routes.yaml",
+        "VirtualService fl/fl-clients",
+        "spec.http[1].route[0].weight",
+        "bad",
+    )
+
+    assert str(problem) == (
+        "routes.yaml: VirtualService fl/fl-clients: spec.http[1].route[0].weight: bad"
+    )
+
+
+# --- CRD schema --------------------------------------------------------------
+
+
+def test_crd_schemas_cover_every_served_istio_networking_version(
+    istio_schemas: dict,
+) -> None:
+    for version in ("v1", "v1beta1", "v1alpha3"):
+        assert ("networking.istio.io", "VirtualService", version) in istio_schemas
+        assert ("networking.istio.io", "DestinationRule", version) in istio_schemas
+
+
+def test_the_schema_check_collects_every_error_with_its_path(
+    istio_schemas: dict,
+) -> None:
+    vs = _vs()
+    _route(vs, 1)["route"][0]["weight"] = "sixty"
+    _route(vs, 0)["timeout"] = 5
+    _route(vs, 0)["retriez"] = {}
+
+    problems = validate.validate_objects([vs], schemas=istio_schemas)
+    schema_paths = {
+        p.path for p in problems if "schema" in p.message or "unknown" in p.message
+    }
+
+    assert schema_paths == {
+        "spec.http[1].route[0].weight",
+        "spec.http[0].timeout",
+        "spec.http[0]",
+    }
+
+
+def test_unknown_fields_are_accepted_when_not_strict(crd_path: Path) -> None:
+    schemas = validate.load_crd_schemas(crd_path, reject_unknown_fields=False)
+    vs = _vs()
+    _route(vs, 0)["retriez"] = {}
+
+    assert validate.validate_objects([vs], schemas=schemas) == []
+
+
+def test_mutually_exclusive_fields_are_refused_by_the_schema(
+    istio_schemas: dict,
+) -> None:
+    vs = _vs()
+    _route(vs, 0)["match"] = [{"headers": {"x-fl-slot": {"exact": "1", "prefix": "1"}}}]
+
+    problems = validate.validate_objects([vs], schemas=istio_schemas)
+
+    assert [p.path for p in problems] == ["spec.http[0].match[0].headers.x-fl-slot"]
+
+
+def test_nullable_and_int_or_string_fields_are_converted(istio_schemas: dict) -> None:
+    vs = _vs()
+    vs["status"] = {"observedGeneration": "7"}
+    _route(vs, 0)["retries"] = {"attempts": 2, "retryRemoteLocalities": None}
+    dr = _dr()
+    dr["status"] = {"observedGeneration": 7}
+
+    assert validate.validate_objects([vs, dr], schemas=istio_schemas) == []
+
+
+def test_an_unknown_kind_has_no_schema(istio_schemas: dict) -> None:
+    obj = {"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w"}}
+
+    (problem,) = validate.validate_objects([obj], schemas=istio_schemas)
+
+    assert "no CRD schema for example.com/v1 Widget" in problem.message
+
+
+# --- YAML files --------------------------------------------------------------
+
+
+def test_a_multi_document_file_gives_every_object(tmp_path: Path) -> None:
+    path = tmp_path / "routes.yaml"
+    path.write_text(
+        "---\napiVersion: v1\nkind: A\nmetadata: {name: a}\n---\n---\n"
+        "apiVersion: v1\nkind: B\nmetadata: {name: b}\n"
+    )
+
+    docs = validate.load_yaml_documents(path)
+
+    assert [d["kind"] for d in docs] == ["A", "B"]
+
+
+def test_a_yaml_syntax_error_names_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "broken.yaml"
+    path.write_text("kind: A\nmetadata:\n  name: a\n  labels: {x: [1, 2}\n")
+
+    with pytest.raises(RoutingError, match=r"broken\.yaml:4:\d+: YAML syntax error"):
+        validate.load_yaml_documents(path)
+
+
+def test_a_document_that_is_not_a_mapping_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "list.yaml"
+    path.write_text("kind: A\n---\n- 1\n- 2\n")
+
+    with pytest.raises(RoutingError, match=r"list\.yaml: document 2 is a list"):
+        validate.load_yaml_documents(path)
+
+
+def test_a_file_of_objects_validates_with_its_name_as_source(tmp_path: Path) -> None:
+    import yaml
+
+    vs = copy.deepcopy(_vs())
+    _no_weights([vs])
+    path = tmp_path / "routes.yaml"
+    path.write_text(yaml.safe_dump_all([vs, _dr()]))
+
+    problems = validate.validate_objects(
+        validate.load_yaml_documents(path), source=str(path)
+    )
+
+    assert [str(p) for p in problems] == [
+        f"{path}: VirtualService fl/fl-clients: spec.http[1].route: "
+        "2 destinations and no weights"
+    ]
