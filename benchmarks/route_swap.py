@@ -12,7 +12,9 @@ for cluster (CDS) swaps.
 from __future__ import annotations
 
 import argparse
+import signal
 import statistics
+import sys
 import tempfile
 import time
 
@@ -85,17 +87,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--changes", type=int, default=100, help="changes per size")
     parser.add_argument("--sizes", type=int, nargs="+", default=[10, 100, 1000])
+    parser.add_argument("--cluster-sizes", type=int, nargs="+", default=[10, 100])
     args = parser.parse_args()
+    # A SIGTERM ends the run through the context managers, so Envoy is stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     with tempfile.TemporaryDirectory(prefix="meshctl-bench-") as work_dir:
         workloads = [
             Workload(n, "127.0.0.1", 9, {protocol.CLIENT_LABEL: n})
-            for n in (protocol.client_id(i) for i in range(2 * max(args.sizes)))
+            for n in (
+                protocol.client_id(i)
+                for i in range(2 * max(args.sizes + args.cluster_sizes))
+            )
         ]
         with LocalMesh(work_dir, workloads=workloads, log_level="warning") as mesh:
             started = time.monotonic()
-            for kind in ("routes", "clusters"):
-                for slots in args.sizes:
+            for kind, sizes in [
+                ("routes", args.sizes),
+                ("clusters", args.cluster_sizes),
+            ]:
+                for slots in sizes:
                     ms = measure(mesh, kind, slots, args.changes)
                     print(
                         f"{kind:8} {slots:5} slots  n={len(ms)}  "

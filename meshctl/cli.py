@@ -226,9 +226,50 @@ def data_fetch(
         raise _fail(ExitCode.DATA_MISSING, "\n".join(failures))
 
 
+@app.command()
+def validate(
+    files: Annotated[
+        list[Path], typer.Argument(help="YAML files; several documents each is fine.")
+    ],
+    crds: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="MESHCTL_ISTIO_CRDS",
+            help="Istio CRD file whose openAPIV3Schema the objects must also pass.  "
+            "[env: MESHCTL_ISTIO_CRDS]",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    """Check VirtualService and DestinationRule YAML; one line per problem."""
+    from meshctl.routing import RoutingError
+    from meshctl.routing import validate as checks
+
+    try:
+        schemas = checks.load_crd_schemas(crds) if crds is not None else None
+        batches = [(path, checks.load_yaml_documents(path)) for path in files]
+    except (OSError, RoutingError) as exc:
+        raise _fail(ExitCode.INVALID, str(exc)) from exc
+    problems = [
+        problem
+        for path, objects in batches
+        for problem in checks.validate_objects(
+            objects, source=str(path), schemas=schemas
+        )
+    ]
+    for problem in problems:
+        print(problem)
+    if problems:
+        raise typer.Exit(int(ExitCode.INVALID))
+    count = sum(len(objects) for _, objects in batches)
+    err.print(f"{count} objects valid", highlight=False)
+
+
 @app.command("exit-codes")
 def exit_codes(
-    output: Annotated[str, typer.Option("-o", "--output", help="table or json.")] = "table",
+    output: Annotated[
+        str, typer.Option("-o", "--output", help="table or json.")
+    ] = "table",
 ) -> None:
     """List meshctl's exit codes and what each means."""
     if output == "json":
@@ -242,3 +283,7 @@ def main() -> None:
     """Console-script entry point."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     app()
+
+
+if __name__ == "__main__":
+    main()

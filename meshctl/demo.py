@@ -148,13 +148,17 @@ class RoundTracker:
     def _round_emulated_s(self, outcomes: list[SlotOutcome]) -> float:
         """A synchronous round lasts as long as its slowest slot."""
         durations = [
-            o.emulated_s if o.emulated_s is not None else o.duration_s / self._time_scale
+            o.emulated_s
+            if o.emulated_s is not None
+            else o.duration_s / self._time_scale
             for o in outcomes
         ]
         return max(durations, default=0.0)
 
 
-def client_specs(settings: DemoSettings, shard_paths: list[Path], devices) -> list[ClientSpec]:
+def client_specs(
+    settings: DemoSettings, shard_paths: list[Path], devices
+) -> list[ClientSpec]:
     """One client service per shard, with its device and its failure rate."""
     rng = random.Random(settings.seed)
     failing = set(rng.sample(range(settings.clients), settings.failing_clients))

@@ -55,6 +55,7 @@ def client_id(index: int) -> str:
     """The id of the ``index``-th local client service: ``c-00``, ``c-01``, ..."""
     return f"c-{index:02d}"
 
+
 # Metrics a ClientApp may put in its train reply for the controller's feedback.
 # ``num-examples`` is Flower's own convention for the aggregation weight.
 NUM_EXAMPLES_METRIC = "num-examples"

@@ -137,11 +137,14 @@ def _plot_metric(report: dict, path: Path) -> Path:
 
 
 def _plot_selection(report: dict, path: Path) -> Path:
-    clients = sorted({c for r in report["rounds"] for c in r["selected"]} | set(
-        report.get("client_ids", [])
-    ))
+    clients = sorted(
+        {c for r in report["rounds"] for c in r["selected"]}
+        | set(report.get("client_ids", []))
+    )
     rounds = [r["round"] for r in report["rounds"]]
-    fig, ax = plt.subplots(figsize=(max(5, 0.4 * len(rounds) + 2), 0.3 * len(clients) + 2))
+    fig, ax = plt.subplots(
+        figsize=(max(5, 0.4 * len(rounds) + 2), 0.3 * len(clients) + 2)
+    )
     for r in report["rounds"]:
         for client in r["selected"]:
             failed = client in r.get("failed", {})

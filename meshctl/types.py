@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 
-class ClientState(str, Enum):
+class ClientState(StrEnum):
     """What the telemetry says of a client over a window."""
 
     OBSERVED = "observed"  # it served requests and most of them succeeded

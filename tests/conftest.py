@@ -1,7 +1,9 @@
-"""Shared fixtures: tiny HTTP client services and a real local Envoy mesh."""
+"""Shared fixtures: the real data, Istio's CRDs, tiny HTTP client services and a
+real local Envoy mesh."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -13,7 +15,37 @@ import pytest
 
 from meshctl import protocol
 from meshctl.localmesh.envoy import LocalMesh
+from meshctl.routing import validate
 from meshctl.types import Workload
+
+# The datasets and CRDs live beside the project, in ../shared/data, unless the
+# environment names another place.
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The real data directory, or a skip saying how to provide it."""
+    path = Path(os.environ.get("MESHCTL_DATA_DIR") or SHARED_DATA)
+    if not path.is_dir():
+        pytest.skip(f"real data not found at {path}; set MESHCTL_DATA_DIR")
+    return path
+
+
+@pytest.fixture(scope="session")
+def crd_path(data_dir: Path) -> Path:
+    """Istio's CRDs from ``MESHCTL_ISTIO_CRDS``, else from the data directory."""
+    default = data_dir / "istio" / "crd-all.gen.yaml"
+    path = Path(os.environ.get("MESHCTL_ISTIO_CRDS") or default)
+    if not path.exists():
+        pytest.skip(f"Istio CRDs not found at {path}; set MESHCTL_ISTIO_CRDS")
+    return path
+
+
+@pytest.fixture(scope="session")
+def istio_schemas(crd_path: Path) -> dict:
+    """The CRDs' openAPIV3Schemas as JSON Schemas, loaded once per session."""
+    return validate.load_crd_schemas(crd_path)
 
 
 @dataclass

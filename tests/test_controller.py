@@ -33,7 +33,9 @@ def routing_dir(tmp_path):
     return tmp_path / "routing"
 
 
-def _controller(routing_dir, *, policy="random", ready=CLIENTS, waits=None, telemetry=None):
+def _controller(
+    routing_dir, *, policy="random", ready=CLIENTS, waits=None, telemetry=None
+):
     waits = [] if waits is None else waits
     return Controller(
         clients=CLIENTS,
@@ -104,9 +106,10 @@ def test_an_unchanged_selection_keeps_the_live_version(routing_dir) -> None:
     if set(controller.assignment(1).items()) == set(controller.assignment(2).items()):
         assert again.routing_version == first.routing_version
     vs = yaml.safe_load((routing_dir / "virtualservice.yaml").read_text())
-    assert vs["metadata"]["annotations"][
-        protocol.ROUTING_VERSION_ANNOTATION
-    ] == again.routing_version
+    assert (
+        vs["metadata"]["annotations"][protocol.ROUTING_VERSION_ANNOTATION]
+        == again.routing_version
+    )
 
 
 def test_a_failed_apply_keeps_the_last_good_routes(routing_dir) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -11,18 +10,8 @@ import pytest
 
 from fl_app import data, fetch
 
-DEFAULT_DATA_DIR = Path("/work/shared/data")
 TON_IOT_UNIQUE_ROWS = 93_732
 LEAKING_COLUMNS = {"src_ip", "dst_ip", "src_port", "dst_port", "type", "label"}
-
-
-@pytest.fixture(scope="module")
-def data_dir() -> Path:
-    """The real data directory, or a skip saying how to provide it."""
-    path = Path(os.environ.get(data.DATA_DIR_ENV, DEFAULT_DATA_DIR))
-    if not path.is_dir():
-        pytest.skip(f"real data not found at {path}; set {data.DATA_DIR_ENV}")
-    return path
 
 
 @pytest.fixture(scope="module")

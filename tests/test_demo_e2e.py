@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.envoy, pytest.mark.data]
 
 def _meshctl(*args: str, env: dict | None = None, **kwargs) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "meshctl.cli", *args],
+        [sys.executable, "-m", "meshctl", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

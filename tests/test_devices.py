@@ -2,24 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from fl_app import data, devices
-
-DEFAULT_DATA_DIR = Path("/work/shared/data")
-
-
-@pytest.fixture(scope="module")
-def data_dir() -> Path:
-    """The real data directory, or a skip saying how to provide it."""
-    path = Path(os.environ.get(data.DATA_DIR_ENV, DEFAULT_DATA_DIR))
-    if not path.is_dir():
-        pytest.skip(f"real data not found at {path}; set {data.DATA_DIR_ENV}")
-    return path
 
 
 @pytest.fixture

@@ -9,10 +9,8 @@ import pytest
 import yaml
 
 from meshctl.backends import directory
-from meshctl.routing import plan, render, validate
+from meshctl.routing import plan, render
 from meshctl.routing.errors import RoutingError
-
-DEFAULT_CRDS = "/work/shared/data/istio/crd-all.gen.yaml"
 
 
 @pytest.fixture
@@ -159,13 +157,10 @@ def test_an_object_over_the_budget_is_refused(tmp_path) -> None:
     assert backend.read() == (None, None)
 
 
-def test_the_crd_schema_check_runs_when_schemas_are_given(tmp_path) -> None:
-    path = Path(os.environ.get("MESHCTL_ISTIO_CRDS", DEFAULT_CRDS))
-    if not path.exists():
-        pytest.skip(f"Istio CRDs not found at {path}; set MESHCTL_ISTIO_CRDS")
-    backend = directory.DirectoryBackend(
-        tmp_path, schemas=validate.load_crd_schemas(path)
-    )
+def test_the_crd_schema_check_runs_when_schemas_are_given(
+    tmp_path, istio_schemas
+) -> None:
+    backend = directory.DirectoryBackend(tmp_path, schemas=istio_schemas)
     _, dr = _exact(["c-01"], "r1")
     dr["spec"]["trafficPolicy"]["tls"]["mode"] = "SOMETIMES"
 

@@ -169,6 +169,22 @@ def test_a_restarted_envoy_serves_the_routing_directory(mesh: LocalMesh) -> None
     assert send(mesh, slot=2).text == "c-01"
 
 
+def test_a_restart_with_a_bad_routing_directory_keeps_the_last_routes(
+    mesh: LocalMesh,
+) -> None:
+    mesh.sync(
+        virtual_service("v1", *slots({1: "c-01"})), destination_rule("v1", *NAMES)
+    )
+    bad = virtual_service("v2", *slots({1: "Not_A_Subset"}))
+    (mesh.routing_dir / envoy.VIRTUAL_SERVICE_FILE).write_text(yaml.safe_dump(bad))
+
+    mesh.stop()
+    mesh.start()
+
+    assert mesh.served_versions()["routes"] == "v1"
+    assert send(mesh, slot=1).text == "c-01"
+
+
 def test_a_weighted_route_splits_requests_by_weight(mesh: LocalMesh) -> None:
     weighted = {
         "name": "meshctl-weighted",

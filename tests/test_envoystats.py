@@ -256,3 +256,18 @@ def test_read_uses_the_oldest_snapshot_within_the_window(
     assert {t.state for t in first.values()} == {ClientState.UNOBSERVED}
     assert second["c-00"].requests == 5
     assert second["c-01"].state is ClientState.UNOBSERVED
+
+
+@pytest.mark.envoy
+def test_reads_further_apart_than_the_window_still_cover_the_traffic(
+    traffic_mesh: LocalMesh,
+) -> None:
+    source = EnvoyStatsSource(traffic_mesh.admin_url)
+    source.read(window_s=0.05)
+
+    _send(traffic_mesh, {1: 3})
+    time.sleep(0.1)
+    telemetry = source.read(window_s=0.05)
+
+    assert telemetry["c-00"].requests == 3
+    assert telemetry["c-00"].requests_per_s is not None

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import os
 import re
 import threading
 from collections.abc import Iterator
@@ -13,9 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from fl_app import data, fetch
+from fl_app import fetch
 
-DEFAULT_DATA_DIR = Path("/work/shared/data")
 GOOD_BYTES = b"duration,label\n0.5,0\n"
 NEVER_CHECKED_SHA256 = "0" * 64
 
@@ -38,15 +36,6 @@ def served(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     server.shutdown()
     server.server_close()
     thread.join()
-
-
-@pytest.fixture(scope="module")
-def data_dir() -> Path:
-    """The real data directory, or a skip saying how to provide it."""
-    path = Path(os.environ.get(data.DATA_DIR_ENV, DEFAULT_DATA_DIR))
-    if not path.is_dir():
-        pytest.skip(f"real data not found at {path}; set {data.DATA_DIR_ENV}")
-    return path
 
 
 def sha256(content: bytes) -> str:

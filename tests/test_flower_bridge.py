@@ -11,7 +11,14 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    RecordDict,
+)
 
 from meshctl import protocol
 from meshctl.flower import clientservice, grid
@@ -79,7 +86,9 @@ def test_a_sound_update_comes_back_and_is_reported(service_url) -> None:
     mesh_grid = _grid(service_url("double"), recorder)
     slots = list(mesh_grid.get_node_ids())
 
-    replies = list(mesh_grid.send_and_receive([_train_message(mesh_grid, s) for s in slots]))
+    replies = list(
+        mesh_grid.send_and_receive([_train_message(mesh_grid, s) for s in slots])
+    )
 
     assert [r.has_error() for r in replies] == [False, False]
     doubled = replies[0].content["arrays"].to_numpy_ndarrays()[0]

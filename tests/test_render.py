@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import copy
-import os
-from pathlib import Path
 
 import pytest
 
@@ -12,17 +10,6 @@ import meshctl.routing
 from meshctl import protocol
 from meshctl.routing import render, validate
 from meshctl.routing.errors import RoutingError
-
-DEFAULT_CRDS = "/work/shared/data/istio/crd-all.gen.yaml"
-
-
-@pytest.fixture(scope="module")
-def istio_schemas() -> dict:
-    """Istio's CRD schemas from ``MESHCTL_ISTIO_CRDS`` or the shared data."""
-    path = Path(os.environ.get("MESHCTL_ISTIO_CRDS", DEFAULT_CRDS))
-    if not path.exists():
-        pytest.skip(f"Istio CRDs not found at {path}; set MESHCTL_ISTIO_CRDS")
-    return validate.load_crd_schemas(path)
 
 
 def _assignment(k: int) -> dict[int, str]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,22 +10,6 @@ import pytest
 
 from meshctl.routing import validate
 from meshctl.routing.errors import RoutingError
-
-DEFAULT_CRDS = "/work/shared/data/istio/crd-all.gen.yaml"
-
-
-@pytest.fixture(scope="module")
-def crd_path() -> Path:
-    """Istio's CRDs from ``MESHCTL_ISTIO_CRDS`` or the shared data."""
-    path = Path(os.environ.get("MESHCTL_ISTIO_CRDS", DEFAULT_CRDS))
-    if not path.exists():
-        pytest.skip(f"Istio CRDs not found at {path}; set MESHCTL_ISTIO_CRDS")
-    return path
-
-
-@pytest.fixture(scope="module")
-def istio_schemas(crd_path: Path) -> dict:
-    return validate.load_crd_schemas(crd_path)
 
 
 def _vs() -> dict:

@@ -105,7 +105,9 @@ class RoundAPIServer:
             protocol_version = "HTTP/1.1"
 
             def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
-                status = HTTPStatus.OK if self.path == "/healthz" else HTTPStatus.NOT_FOUND
+                status = (
+                    HTTPStatus.OK if self.path == "/healthz" else HTTPStatus.NOT_FOUND
+                )
                 self._send(status, {"status": status.phrase})
 
             def do_POST(self) -> None:  # noqa: N802 - the stdlib's name

@@ -196,7 +196,9 @@ def main(argv: list[str] | None = None) -> None:
         node_config=parse_config(args.node_config),
     )
     server = serve(service, host=args.host, port=args.port)
-    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
+    signal.signal(
+        signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start()
+    )
     log.info("%s listening on %s:%d", args.name, args.host, args.port)
     try:
         server.serve_forever(poll_interval=0.2)

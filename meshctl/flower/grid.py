@@ -159,7 +159,9 @@ class MeshGrid(Grid):
 
     # -- one message ----------------------------------------------------------
 
-    def _exchange(self, message: Message, started: float) -> tuple[Message, SlotOutcome]:
+    def _exchange(
+        self, message: Message, started: float
+    ) -> tuple[Message, SlotOutcome]:
         slot = message.metadata.dst_node_id
         remaining_s = max(0.001, self._deadline_s - (time.monotonic() - started))
         headers = {
@@ -193,7 +195,9 @@ class MeshGrid(Grid):
         self, message: Message, started: float, status: str, code: int, reason: str
     ) -> tuple[Message, SlotOutcome]:
         slot = message.metadata.dst_node_id
-        log.warning("round %d slot %d: %s (%s)", self._server_round, slot, status, reason)
+        log.warning(
+            "round %d slot %d: %s (%s)", self._server_round, slot, status, reason
+        )
         outcome = SlotOutcome(
             server_round=self._server_round,
             slot=slot,

@@ -23,7 +23,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -32,7 +31,7 @@ import httpx
 import yaml
 
 from meshctl import protocol
-from meshctl.localmesh import translate
+from meshctl.localmesh import processes, translate
 from meshctl.types import Workload
 
 log = logging.getLogger(__name__)
@@ -50,13 +49,15 @@ ConfigKind = Literal["clusters", "routes"]
 
 _CDS_FILE = "cds/cds.json"
 _RDS_FILE = "rds/rds.json"
+_XDS_FILES = {"clusters": _CDS_FILE, "routes": _RDS_FILE}
 _HCM_TYPE = (
     "type.googleapis.com/"
     "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 )
 _ROUTER_TYPE = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 _LOOPBACK = "127.0.0.1"
-_running: weakref.WeakSet[LocalMesh] = weakref.WeakSet()
+# Meshes whose Envoy runs, stopped at interpreter exit if their owner did not.
+_running: set[LocalMesh] = set()
 
 
 class EnvoyError(RuntimeError):
@@ -345,8 +346,8 @@ class LocalMesh:
                 stdin=subprocess.DEVNULL,
                 stdout=output,
                 stderr=subprocess.STDOUT,
-                start_new_session=True,
                 cwd=self.work_dir,
+                **processes.child_options(),
             )
         _running.add(self)
 
@@ -471,19 +472,22 @@ class LocalMesh:
         (the last good routes); with none, every slot is unarmed.
         """
         try:
-            versions = self.load_routing_dir()
+            served = set(self.load_routing_dir())
         except (translate.TranslationError, OSError, yaml.YAMLError) as error:
             log.error(
-                "cannot serve the routing directory %s: %s", self.routing_dir, error
+                "cannot serve the routing directory %s: %s; serving the last run's "
+                "configuration where there is one",
+                self.routing_dir,
+                error,
             )
-            versions = {
-                kind: ""
-                for kind, name in [("clusters", _CDS_FILE), ("routes", _RDS_FILE)]
+            served = {
+                kind
+                for kind, name in _XDS_FILES.items()
                 if (self.xds_dir / name).exists()
             }
-        if "clusters" not in versions:
+        if "clusters" not in served:
             self._write_xds(_CDS_FILE, INITIAL_VERSION, [])
-        if "routes" not in versions:
+        if "routes" not in served:
             route_config = translate.unarmed_route_configuration(INITIAL_VERSION)
             self._write_xds(_RDS_FILE, INITIAL_VERSION, [route_config])
 

@@ -103,14 +103,6 @@ def cluster_name(host: str, subset: str = "", port: int = protocol.SERVICE_PORT)
     return f"outbound|{port}|{subset}|{host}"
 
 
-def parse_cluster_name(name: str) -> tuple[int, str, str] | None:
-    """``(port, subset, host)`` of an outbound cluster name, or None for others."""
-    parts = name.split("|")
-    if len(parts) != 4 or parts[0] != "outbound" or not parts[1].isdigit():
-        return None
-    return int(parts[1]), parts[2], parts[3]
-
-
 def routing_version(obj: Mapping[str, Any]) -> str:
     """The object's routing-version annotation, or a hash of its spec if it has none."""
     annotations = (obj.get("metadata") or {}).get("annotations") or {}

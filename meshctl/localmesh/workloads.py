@@ -22,6 +22,7 @@ from pathlib import Path
 import httpx
 
 from meshctl import protocol
+from meshctl.localmesh import processes
 from meshctl.types import Workload
 
 log = logging.getLogger("meshctl.workloads")
@@ -99,7 +100,7 @@ class LocalWorkloads:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 env=env,
-                start_new_session=True,
+                **processes.child_options(),
             )
         self._workloads[spec.name] = Workload(
             name=spec.name,
@@ -117,10 +118,12 @@ class LocalWorkloads:
         pending = set(self._workloads)
         while pending:
             for name in sorted(pending):
-                if self._procs[name].poll() is not None:
+                code = self._procs[name].poll()
+                if code is not None:
+                    log_path = self._log_dir / f"{name}.log"
                     raise WorkloadError(
-                        f"client service {name} exited with code "
-                        f"{self._procs[name].returncode}; see {self._log_dir / name}.log"
+                        f"client service {name} exited with code {code}; "
+                        f"see {log_path}"
                     )
             pending -= set(self.ready(sorted(pending)))
             if time.monotonic() - started > timeout_s:

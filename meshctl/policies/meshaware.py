@@ -89,7 +89,9 @@ class MeshPolicy:
                 loss = outcome.train_loss
                 estimate.utility = outcome.num_examples * math.sqrt(loss * loss)
 
-    def _update_from_mesh(self, estimate: _Estimate, telemetry: ClientTelemetry) -> None:
+    def _update_from_mesh(
+        self, estimate: _Estimate, telemetry: ClientTelemetry
+    ) -> None:
         if telemetry.latency_p95_ms is not None and math.isfinite(
             telemetry.latency_p95_ms
         ):

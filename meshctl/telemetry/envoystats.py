@@ -281,17 +281,15 @@ class EnvoyStatsSource:
     def read(self, window_s: float) -> dict[str, ClientTelemetry]:
         """Telemetry from the oldest kept snapshot within ``window_s`` until now.
 
-        Takes a snapshot now.  Without an earlier snapshot in the window (the first
-        call, or calls further apart than ``window_s``), every client is
-        UNOBSERVED: no data is never a number.
+        Takes a snapshot now.  When no kept snapshot is that recent (reads further
+        apart than ``window_s``) the latest older one starts the window, so the
+        window is longer than asked and rates use its true duration.  On the first
+        call there is nothing to compare: every client is UNOBSERVED.
         """
         history = list(self._history)
         newer = self.snapshot()
-        older = next(
-            (s for s in history if newer.taken_at - s.taken_at <= window_s), None
-        )
-        if older is None:
-            older = newer
+        recent = [s for s in history if newer.taken_at - s.taken_at <= window_s]
+        older = recent[0] if recent else (history[-1] if history else newer)
         return window(older, newer, self.failing_ratio)
 
     def window(self, older: Snapshot, newer: Snapshot) -> dict[str, ClientTelemetry]:

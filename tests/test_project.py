@@ -1,0 +1,53 @@
+"""Promises the project keeps about itself: layers, exit codes, the CLI surface."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from meshctl import cli, exitcodes
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_lower_layers_never_import_higher_ones() -> None:
+    lint = shutil.which("lint-imports", path=str(Path(sys.executable).parent))
+    assert lint, "import-linter is installed with the test extras"
+
+    result = subprocess.run([lint], cwd=ROOT, capture_output=True, text=True)
+
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "broken" in result.stdout and "0 broken" in result.stdout
+
+
+@pytest.mark.parametrize("code", list(exitcodes.ExitCode), ids=lambda c: c.name)
+def test_every_exit_code_has_help_text(code: exitcodes.ExitCode) -> None:
+    assert exitcodes.HELP[code].strip()
+    assert str(int(code)) in exitcodes.epilog()
+
+
+def test_the_commands_users_are_told_about_exist() -> None:
+    result = CliRunner().invoke(cli.app, ["--help"])
+
+    assert result.exit_code == 0
+    for command in ("demo", "data", "validate", "exit-codes"):
+        assert command in result.output
+
+
+def test_demo_refuses_impossible_settings_with_a_usage_error() -> None:
+    result = CliRunner().invoke(cli.app, ["demo", "--clients=2", "--per-round=3"])
+
+    assert result.exit_code == int(exitcodes.ExitCode.USAGE)
+    assert "--per-round" in result.output
+
+
+def test_an_unknown_policy_is_a_usage_error_naming_the_known_ones() -> None:
+    result = CliRunner().invoke(cli.app, ["demo", "--policy=oracle"])
+
+    assert result.exit_code == int(exitcodes.ExitCode.USAGE)
+    assert "mesh, random" in result.output
