@@ -134,6 +134,7 @@ class RoundTracker:
             round_emulated_s=round(round_emulated, 3),
             round_wall_s=round(now - current["started"], 3),
             routing_apply_s=round(record.apply_s, 4),
+            routing_served_s=[round(w, 4) for w in record.served_waits_s],
             metrics={k: round(float(v), 6) for k, v in metrics.items()},
             failed={
                 assignment[o.slot]: f"{o.status}: {o.reason}"
@@ -249,6 +250,7 @@ def run(
 
         # The controller, reached by the server through its round API.
         stats = EnvoyStatsSource(mesh.admin_url)
+        stack.callback(stats.close)
         backend = DirectoryBackend(
             work_dir / "routing",
             on_change=lambda kind, obj: _push(mesh, kind, obj, workloads),

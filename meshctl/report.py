@@ -34,6 +34,7 @@ class RoundReport:
     round_emulated_s: float
     round_wall_s: float
     routing_apply_s: float
+    routing_served_s: list[float]
     metrics: dict[str, float]
     failed: dict[str, str] = field(default_factory=dict)
     scores: dict[str, float] = field(default_factory=dict)

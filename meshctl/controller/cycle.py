@@ -56,6 +56,7 @@ class RoundRecord:
     selected: tuple[str, ...]
     routing_version: str
     apply_s: float
+    served_waits_s: tuple[float, ...] = ()
     scores: Mapping[str, float] = field(default_factory=dict)
     reasons: Mapping[str, str] = field(default_factory=dict)
     telemetry: Mapping[str, ClientTelemetry] = field(default_factory=dict)
@@ -111,17 +112,19 @@ class Controller:
             )
             assignment = {slot: c for slot, c in enumerate(selection.clients, start=1)}
             try:
-                version = self._apply(
+                version, waits = self._apply(
                     assignment, routing_version(server_round, assignment), candidates
                 )
             except ArmError as exc:
                 assignment, version = self._last_good(server_round, exc)
+                waits = []
             self._slots[server_round] = assignment
             record = RoundRecord(
                 server_round=server_round,
                 selected=tuple(assignment.values()),
                 routing_version=version,
                 apply_s=time.monotonic() - started,
+                served_waits_s=tuple(waits),
                 scores=dict(selection.scores),
                 reasons=dict(selection.reasons),
                 telemetry=dict(telemetry),
@@ -186,8 +189,8 @@ class Controller:
 
     def _apply(
         self, assignment: Mapping[int, str], version: str, ready: Collection[str]
-    ) -> str:
-        """Route the assignment; the routing version that serves it.
+    ) -> tuple[str, list[float]]:
+        """Route the assignment; the version that serves it and each step's wait.
 
         When the live routes already serve the assignment nothing is written, and
         the live version stands.
@@ -205,14 +208,15 @@ class Controller:
                 live_vs, live_dr, desired_vs, desired_dr, ready_subsets=set(ready)
             )
             if not steps and live_vs is not None:
-                return live_vs["metadata"]["annotations"][ROUTING_VERSION_ANNOTATION]
-            self._backend.apply_plan(steps, self._wait)
+                annotations = live_vs["metadata"]["annotations"]
+                return annotations[ROUTING_VERSION_ANNOTATION], []
+            waits = self._backend.apply_plan(steps, self._wait)
         except Exception as exc:  # any failure: the live routes must stay as they are
             raise ArmError(
                 f"routing version {version} was not applied ({exc}); "
                 "the last good routes stay in place"
             ) from exc
-        return version
+        return version, waits
 
 
 def routing_version(server_round: int, assignment: Mapping[int, str]) -> str:

@@ -264,6 +264,8 @@ class EnvoyStatsSource:
         self.keep_s = keep_s
         self.timeout_s = timeout_s
         self._history: collections.deque[Snapshot] = collections.deque()
+        # One client for every read: building one loads the TLS trust store.
+        self._http = httpx.Client(timeout=timeout_s)
 
     def snapshot(self) -> Snapshot:
         """Read every client's counters now, and remember them."""
@@ -300,13 +302,15 @@ class EnvoyStatsSource:
         """:func:`served_by`: upstream requests per client between two snapshots."""
         return served_by(older, newer)
 
+    def close(self) -> None:
+        """Close the HTTP connection to Envoy's admin interface."""
+        self._http.close()
+
     def _fetch(self) -> str:
         """Envoy's per-cluster statistics in Prometheus text format."""
         url = f"{self.admin_url}/stats/prometheus"
         try:
-            response = httpx.get(
-                url, params={"filter": _STATS_FILTER}, timeout=self.timeout_s
-            )
+            response = self._http.get(url, params={"filter": _STATS_FILTER})
             response.raise_for_status()
         except httpx.HTTPError as error:
             raise EnvoyStatsError(
