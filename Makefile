@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 export MESHCTL_DATA_DIR ?= $(abspath ../shared/data)
 export FLWR_TELEMETRY_ENABLED := 0
 
-.PHONY: setup demo test test-fast lint format clean
+.PHONY: setup demo demo-prometheus bench bench-quick test test-fast lint format clean e2e-kind
 
 setup: $(STAMP)
 
@@ -22,6 +22,24 @@ $(STAMP): pyproject.toml
 
 demo: setup
 	$(VENV)/bin/meshctl demo --out out/demo
+
+# The same demo, the controller reading the production PromQL from a local Prometheus.
+demo-prometheus: setup
+	@command -v prometheus > /dev/null || { echo "demo-prometheus needs the prometheus binary: apt-get install --no-install-recommends prometheus" >&2; exit 1; }
+	$(VENV)/bin/meshctl demo --telemetry prometheus --out out/demo-prometheus
+
+# Every policy under both scenarios through the local mesh: about 25 minutes.
+bench: setup
+	$(VENV)/bin/meshctl bench --out out/bench
+
+# Fewer clients and rounds, a lower target: a few minutes.
+bench-quick: setup
+	$(VENV)/bin/meshctl bench --quick --out out/bench-quick
+
+# For users with Docker (not run in CI): a kind cluster with Istio and
+# Prometheus, the image, the dev overlay, and a few rounds.  See the README.
+e2e-kind: setup
+	deploy/e2e-kind.sh
 
 test: setup
 	$(PY) -m pytest

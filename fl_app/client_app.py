@@ -8,7 +8,14 @@ and the device it emulates:
 - ``time-scale``: wall seconds per emulated second, so that a run stays short
   while the mesh still sees fast and slow devices;
 - ``fail-rate``: the share of training requests on which the device fails;
-- ``seed``: the client's seed.
+- ``seed``: the client's seed;
+- a fault schedule, by the round the server names in ``server-round``:
+  ``fail-from-round`` (``fail-rate`` applies from that round on),
+  ``slow-from-round`` and ``slow-factor`` (from that round the device computes
+  ``slow-factor`` times slower).
+
+The training config may carry ``local-steps-factor``, which a selection policy
+sets per client to scale its ``local-steps``.
 
 The reply carries the updated weights and, for the controller, the training loss
 and the emulated seconds the round took on the device.
@@ -39,6 +46,20 @@ def _shard(path: str) -> np.ndarray:
     return data.load_client_shard(path)
 
 
+def warm_up(context: Context) -> None:
+    """Load the shard and run one training step before the service is ready.
+
+    The first step in a process initialises torch; without this the first
+    training request of every client would look slow to the mesh.
+    """
+    torch.set_num_threads(1)
+    x = _shard(str(context.node_config["data-path"]))
+    autoencoder = model.build_autoencoder(x.shape[1])
+    model.train_autoencoder(
+        autoencoder, x[:64], local_steps=1, batch_size=64, lr=1e-3, seed=0
+    )
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """One round of local training on the client's own data."""
@@ -53,7 +74,14 @@ def train(msg: Message, context: Context) -> Message:
     arrays = msg.content["arrays"]
     autoencoder = model.build_autoencoder(x.shape[1])
     autoencoder.load_state_dict(arrays.to_torch_state_dict())
-    local_steps = int(config.get("local-steps", 100))
+    # A selection policy may scale one client's local work (PyramidFL).
+    local_steps = max(
+        1,
+        round(
+            int(config.get("local-steps", 100))
+            * float(config.get("local-steps-factor", 1.0))
+        ),
+    )
     batch_size = int(config.get("batch-size", 64))
     loss = model.train_autoencoder(
         autoencoder,
@@ -66,9 +94,14 @@ def train(msg: Message, context: Context) -> Message:
 
     # Emulate the device: its round takes as long as FedScale's formula says,
     # scaled to wall time, and a flaky device fails part of its requests midway.
+    slow_factor = (
+        float(node.get("slow-factor", 1.0))
+        if _from_round(node, "slow-from-round", server_round)
+        else 1.0
+    )
     device = devices.DeviceProfile(
         trace_id=-1,
-        compute_ms_per_sample=float(node["ms-per-sample"]),
+        compute_ms_per_sample=float(node["ms-per-sample"]) * slow_factor,
         bandwidth_kbps=float(node["kbps"]),
     )
     compute_s, comm_s = device.round_seconds(
@@ -76,7 +109,12 @@ def train(msg: Message, context: Context) -> Message:
     )
     emulated_s = compute_s + comm_s
     wall_s = emulated_s * float(node.get("time-scale", 0.0))
-    if random.Random(seed).random() < float(node.get("fail-rate", 0.0)):
+    fail_rate = (
+        float(node.get("fail-rate", 0.0))
+        if _from_round(node, "fail-from-round", server_round, default=0)
+        else 0.0
+    )
+    if random.Random(seed).random() < fail_rate:
         _sleep_until(started + wall_s / 2)
         raise EmulatedDeviceFailure(f"device failed in round {server_round}")
     _sleep_until(started + wall_s)
@@ -94,6 +132,14 @@ def train(msg: Message, context: Context) -> Message:
         }
     )
     return Message(content=reply, reply_to=msg)
+
+
+def _from_round(
+    node: dict, key: str, server_round: int, default: int | None = None
+) -> bool:
+    """True when the node config's ``key`` names this round or an earlier one."""
+    first = node.get(key, default)
+    return first is not None and server_round >= int(first)
 
 
 def _model_bytes(arrays: ArrayRecord) -> int:

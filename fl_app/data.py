@@ -188,8 +188,9 @@ def resolve_data_dir(data_dir: Path | str | None = None) -> Path:
     path = Path(chosen)
     if not path.is_dir():
         raise DataError(
-            f"data directory {path} does not exist; `meshctl data fetch` downloads "
-            "the datasets into it, `meshctl data fetch --from DIR` imports a local copy"
+            f"data directory {path} does not exist (set by --data-dir or "
+            f"{DATA_DIR_ENV}); `meshctl data fetch --dest {path}` downloads the "
+            "datasets into it, `meshctl data fetch --from DIR` imports a local copy"
         )
     return path
 
@@ -206,7 +207,24 @@ def require_file(
             f"missing data file {path} (from {origin}); `meshctl data fetch` "
             "downloads it, `meshctl data fetch --from DIR` imports a local copy"
         )
+    _check_intact(dataset, relative_path, path)
     return path
+
+
+def _check_intact(dataset: str, relative_path: str, path: Path) -> None:
+    """Raise :class:`DataError` when a catalogued file's SHA-256 is not the pinned
+    one: a damaged file would otherwise train on garbage, or fail far from here."""
+    pinned = {f.relative_path: f.sha256 for f in fetch.dataset_source(dataset).files}
+    expected = pinned.get(relative_path)
+    if expected is None:
+        return
+    actual = fetch.sha256_of(path)
+    if actual != expected:
+        raise DataError(
+            f"data file {path} is damaged: SHA-256 {actual}, expected {expected}; "
+            "`meshctl data fetch` downloads it again, `meshctl data fetch --from DIR` "
+            "imports an intact copy"
+        )
 
 
 def load_dataset(name: str, data_dir: Path | str | None = None) -> Dataset:
@@ -325,8 +343,8 @@ def split_by_device(
     names, sizes = np.unique(devices, return_counts=True)
     if num_clients < 1 or num_clients > len(names):
         raise ValueError(
-            f"cannot split {len(names)} devices into {num_clients} clients; "
-            "use split='dirichlet' for more clients than devices"
+            f"the device split has {len(names)} devices, so between 1 and "
+            f"{len(names)} clients, not {num_clients} (a Dirichlet split allows more)"
         )
     order = np.lexsort((names, -sizes))
     names, sizes = names[order], sizes[order]

@@ -37,7 +37,21 @@ out = Console()
 log = logging.getLogger("meshctl")
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_FORMATS = ("plain", "json")
+
+
 def _setup_logging(level: str, log_format: str) -> None:
+    if level.upper() not in LOG_LEVELS:
+        raise _fail(
+            ExitCode.USAGE,
+            f"--log-level must be one of {', '.join(LOG_LEVELS)}, not {level!r}",
+        )
+    if log_format not in LOG_FORMATS:
+        raise _fail(
+            ExitCode.USAGE,
+            f"--log-format must be one of {', '.join(LOG_FORMATS)}, not {log_format!r}",
+        )
     if log_format == "json":
         fmt = (
             '{"time": "%(asctime)s", "level": "%(levelname)s", '
@@ -73,11 +87,22 @@ DataDir = Annotated[
 def demo(
     clients: Annotated[int, typer.Option(help="Number of FL client services.")] = 20,
     per_round: Annotated[
-        int, typer.Option("--per-round", "-k", help="Clients chosen per round.")
-    ] = 5,
+        int | None,
+        typer.Option(
+            "--per-round",
+            "-k",
+            help="Clients asked for per round (default: the policy file's "
+            "clientsPerRound, else 5).",
+            show_default=False,
+        ),
+    ] = None,
     rounds: Annotated[int, typer.Option(help="Training rounds.")] = 15,
     policy: Annotated[
-        str, typer.Option(help=f"Selection policy: {', '.join(policies.NAMES)}.")
+        str,
+        typer.Option(
+            help=f"Selection policy: {', '.join(policies.NAMES)}, or the path of "
+            "a SelectionPolicy file (policies/*.yaml)."
+        ),
     ] = "mesh",
     dataset: Annotated[str, typer.Option(help="ton_iot or nsl_kdd.")] = "ton_iot",
     seed: Annotated[int, typer.Option(help="Seed of every random choice.")] = 0,
@@ -100,12 +125,40 @@ def demo(
         float, typer.Option(help="Emulated seconds a round waits for its clients.")
     ] = 2400.0,
     failing_clients: Annotated[
-        int, typer.Option(help="How many clients fail part of their requests.")
-    ] = 2,
+        int | None,
+        typer.Option(
+            help="How many clients fail part of their requests "
+            "(default: a tenth of --clients).",
+            show_default=False,
+        ),
+    ] = None,
     fail_rate: Annotated[
         float, typer.Option(help="Share of requests a failing client fails.")
     ] = 0.5,
-    target: Annotated[float, typer.Option(help="AUROC that counts as reached.")] = 0.95,
+    target: Annotated[float, typer.Option(help="AUROC that counts as reached.")] = 0.97,
+    scenario: Annotated[
+        str,
+        typer.Option(
+            help="static (fixed failures) or dynamic (mid-run, fast clients turn "
+            "slow or failing, some clients join late)."
+        ),
+    ] = "static",
+    telemetry: Annotated[
+        str,
+        typer.Option(
+            help="Where the controller reads telemetry: envoy (its admin stats) "
+            "or prometheus (the production PromQL; a local Prometheus is started "
+            "unless --prometheus-url is given)."
+        ),
+    ] = "envoy",
+    prometheus_url: Annotated[
+        str | None,
+        typer.Option(
+            help="With --telemetry prometheus: a Prometheus of your own, which "
+            "must add the scrape jobs the demo prints (default: start one).",
+            show_default=False,
+        ),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="Log level on stderr.")] = "INFO",
     log_format: Annotated[str, typer.Option(help="plain or json.")] = "plain",
 ) -> None:
@@ -115,6 +168,18 @@ def demo(
     from meshctl import report
 
     _setup_logging(log_level, log_format)
+    try:
+        _, document = policies.resolve(policy)
+    except policies.PolicyDocumentError as exc:
+        for problem in exc.problems:  # path:line: field: message, one a line
+            print(problem, file=sys.stderr)
+        raise typer.Exit(int(ExitCode.INVALID)) from exc
+    except policies.UnknownPolicy as exc:
+        raise _fail(ExitCode.USAGE, str(exc)) from exc
+    if per_round is None:
+        per_round = (document and document.clients_per_round) or 5
+    if failing_clients is None:
+        failing_clients = clients // 10
     settings = demo_run.DemoSettings(
         clients=clients,
         per_round=per_round,
@@ -129,28 +194,53 @@ def demo(
         failing_clients=failing_clients,
         fail_rate=fail_rate,
         target=target,
+        out_dir=out_dir,
+        telemetry=telemetry,
+        prometheus_url=prometheus_url,
+        scenario=scenario,
     )
     try:
         settings.check()
-        result = demo_run.run(settings, on_round=_print_round)
     except (ValueError, policies.UnknownPolicy) as exc:
+        raise _fail(ExitCode.USAGE, str(exc)) from exc
+    finished: list = []
+
+    def on_round(entry) -> None:
+        finished.append(entry)
+        _print_round(entry)
+
+    try:
+        result = demo_run.run(settings, on_round=on_round)
+    except demo_run.SettingsError as exc:
         raise _fail(ExitCode.USAGE, str(exc)) from exc
     except DataError as exc:
         raise _fail(ExitCode.DATA_MISSING, str(exc)) from exc
+    except demo_run.MESH_ERRORS as exc:
+        raise _fail(ExitCode.MESH_FAILED, str(exc)) from exc
     except KeyboardInterrupt as exc:
+        if out_dir is not None and finished:
+            partial = demo_run.report_of(settings, finished, interrupted=True)
+            report.write(partial, out_dir)
+            err.print(f"report of the {len(finished)} finished rounds in {out_dir}")
         raise _fail(ExitCode.INTERRUPTED, "interrupted; all processes stopped") from exc
+    except Exception as exc:  # the last resort: a message, not a traceback
+        log.debug("the demo failed", exc_info=True)
+        raise _fail(
+            ExitCode.FAILED,
+            f"{type(exc).__name__}: {exc} (--log-level debug shows the traceback)",
+        ) from exc
     if out_dir is not None:
         paths = report.write(result, out_dir)
         err.print(f"report written: {', '.join(str(p) for p in paths)}")
     out.print(_summary_table(result))
 
 
-def _print_round(entry) -> None:
+def _print_round(entry, prefix: str = "") -> None:
     metrics = " ".join(f"{k}={v:.4f}" for k, v in entry.metrics.items())
     failed = f" failed: {', '.join(entry.failed)}" if entry.failed else ""
     err.print(
-        f"[bold]round {entry.round}[/] {metrics}  emulated {entry.emulated_s:.0f}s "
-        f"wall {entry.wall_s:.1f}s{failed}",
+        f"[bold]{prefix}round {entry.round}[/] {metrics}  "
+        f"emulated {entry.emulated_s:.0f}s wall {entry.wall_s:.1f}s{failed}",
         highlight=False,
     )
 
@@ -172,13 +262,109 @@ def _summary_table(result: dict) -> Table:
             f"{r['metrics'].get('auroc', float('nan')):.4f}",
             f"{r['metrics'].get('f1', float('nan')):.4f}",
         )
-    reached = ttt["emulated_s"]
+    if ttt["emulated_s"] is None:
+        reached = "not reached"
+    else:
+        reached = (
+            f"round {ttt['round']}, {ttt['emulated_s']:.0f} s emulated, "
+            f"{ttt['wall_s']:.0f} s of training wall time"
+        )
     table.caption = (
-        f"time to {ttt['metric']} >= {ttt['target']}: "
-        + (f"{reached:.0f} s emulated" if reached is not None else "not reached")
-        + f"; wall {result['wall_total_s']:.0f} s"
+        f"time to {ttt['metric']} >= {ttt['target']}: {reached}; "
+        f"the whole run took {result['wall_total_s']:.0f} s"
     )
     return table
+
+
+@app.command()
+def bench(
+    scenario: Annotated[
+        str, typer.Option(help="static, dynamic or all (both, in that order).")
+    ] = "all",
+    policies_text: Annotated[
+        str,
+        typer.Option(
+            "--policies",
+            help="Comma-separated policy names or SelectionPolicy files.",
+        ),
+    ] = "random,oort,pyramidfl,power-of-choice,mesh",
+    quick: Annotated[
+        bool, typer.Option(help="8 clients, 5 rounds, target 0.97: a few minutes.")
+    ] = False,
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="Write bench.json, bench.md and plots here.")
+    ] = Path("out/bench"),
+    seed: Annotated[int, typer.Option(help="Seed of every random choice.")] = 0,
+    data_dir: DataDir = None,
+    clients: Annotated[
+        int | None,
+        typer.Option(help="Override the size's number of clients.", show_default=False),
+    ] = None,
+    per_round: Annotated[
+        int | None,
+        typer.Option(help="Override the size's clients per round.", show_default=False),
+    ] = None,
+    rounds: Annotated[
+        int | None,
+        typer.Option(help="Override the size's rounds.", show_default=False),
+    ] = None,
+    work_dir: Annotated[
+        Path | None,
+        typer.Option(help="Keep each run's files here (one directory per run)."),
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="Log level on stderr.")] = "INFO",
+) -> None:
+    """Run every policy through the local mesh under the same scenarios; compare."""
+    import dataclasses
+
+    from fl_app.data import DataError  # the case study, loaded only when it runs
+    from meshctl import bench as bench_run
+    from meshctl import scenarios
+
+    _setup_logging(log_level, "plain")
+    size = bench_run.QUICK if quick else bench_run.FULL
+    overrides = {"clients": clients, "per_round": per_round, "rounds": rounds}
+    size = dataclasses.replace(
+        size, **{k: v for k, v in overrides.items() if v is not None}
+    )
+    if clients is not None:
+        size = dataclasses.replace(
+            size, failing_clients=min(size.failing_clients, max(0, clients - 1))
+        )
+    settings = bench_run.BenchSettings(
+        scenarios=bench_run.parse_list(scenario, scenarios.NAMES),
+        policies=bench_run.parse_list(policies_text, bench_run.POLICIES),
+        size=size,
+        seed=seed,
+        data_dir=data_dir,
+        work_dir=work_dir,
+    )
+
+    def written(result) -> None:
+        bench_run.write(result, out_dir)
+
+    try:
+        result = bench_run.run(
+            settings,
+            on_round=lambda s, p, entry: _print_round(entry, prefix=f"{s}/{p} "),
+            on_run=written,
+        )
+    except policies.PolicyDocumentError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        raise typer.Exit(int(ExitCode.INVALID)) from exc
+    except (ValueError, policies.UnknownPolicy) as exc:
+        raise _fail(ExitCode.USAGE, str(exc)) from exc
+    except DataError as exc:
+        raise _fail(ExitCode.DATA_MISSING, str(exc)) from exc
+    except KeyboardInterrupt as exc:
+        raise _fail(
+            ExitCode.INTERRUPTED,
+            f"interrupted; all processes stopped; finished runs are in {out_dir}",
+        ) from exc
+    paths = bench_run.write(result, out_dir)
+    err.print(f"bench written: {', '.join(str(p) for p in paths)}")
+    print(bench_run.markdown(result), end="")
 
 
 @data_app.command("fetch")
@@ -241,7 +427,9 @@ def validate(
         ),
     ] = None,
 ) -> None:
-    """Check VirtualService and DestinationRule YAML; one line per problem."""
+    """Check VirtualService, DestinationRule and SelectionPolicy YAML.
+
+    One line per problem."""
     from meshctl.routing import RoutingError
     from meshctl.routing import validate as checks
 
@@ -250,19 +438,97 @@ def validate(
         batches = [(path, checks.load_yaml_documents(path)) for path in files]
     except (OSError, RoutingError) as exc:
         raise _fail(ExitCode.INVALID, str(exc)) from exc
+    # Objects in one file may refer to objects in another (a VirtualService to
+    # the DestinationRule's subsets): each file is checked with the others beside.
+    routing = [
+        (path, [o for o in objects if o.get("kind") != policies.documents.KIND])
+        for path, objects in batches
+    ]
     problems = [
         problem
-        for path, objects in batches
+        for index, (path, objects) in enumerate(routing)
         for problem in checks.validate_objects(
-            objects, source=str(path), schemas=schemas
+            objects,
+            source=str(path),
+            schemas=schemas,
+            context=[
+                o for i, (_, other) in enumerate(routing) if i != index for o in other
+            ],
         )
     ]
+    # SelectionPolicy documents pass their own schema, reported with lines.
+    for path, objects in batches:
+        if any(o.get("kind") == policies.documents.KIND for o in objects):
+            problems.extend(policies.documents.file_problems(path))
     for problem in problems:
         print(problem)
     if problems:
         raise typer.Exit(int(ExitCode.INVALID))
     count = sum(len(objects) for _, objects in batches)
     err.print(f"{count} objects valid", highlight=False)
+
+
+@app.command()
+def score(
+    prometheus_url: Annotated[
+        str,
+        typer.Option(
+            envvar="MESHCTL_PROMETHEUS_URL",
+            help="Prometheus base URL.  [env: MESHCTL_PROMETHEUS_URL]",
+        ),
+    ],
+    namespace: Annotated[
+        str, typer.Option("-n", "--namespace", help="The FL clients' namespace.")
+    ] = "fl",
+    window: Annotated[
+        str, typer.Option(help="Telemetry window, a Prometheus duration (30s, 5m).")
+    ] = "5m",
+    output: Annotated[
+        str, typer.Option("-o", "--output", help="table, json or yaml.")
+    ] = "table",
+    service: Annotated[
+        str, typer.Option(help="The Service in front of the FL clients.")
+    ] = "fl-clients",
+    pod_label: Annotated[
+        str, typer.Option(help="The series label that names a client's pod.")
+    ] = "pod",
+    short_window: Annotated[
+        str,
+        typer.Option(help="widen or refuse a window under four scrape intervals."),
+    ] = "widen",
+    timeout_s: Annotated[
+        float, typer.Option("--timeout", help="Seconds each Prometheus call may take.")
+    ] = 5.0,
+) -> None:
+    """Print every client's telemetry and state, as the controller reads them."""
+    from meshctl.telemetry import prometheus as source
+    from meshctl.telemetry import score as scoring
+
+    _setup_logging("WARNING", "plain")
+    try:
+        window_s = source.parse_duration_s(window)
+        if output not in scoring.OUTPUTS or short_window not in ("widen", "refuse"):
+            raise ValueError(
+                "-o is table, json or yaml; --short-window widen or refuse"
+            )
+        reader = source.PrometheusSource(
+            prometheus_url,
+            namespace=namespace,
+            service=service,
+            pod_label=pod_label,
+            timeout_s=timeout_s,
+            on_short_window=short_window,
+        )
+        try:
+            window_s = reader.window_s(window_s)
+            telemetry = reader.read(window_s)
+        finally:
+            reader.close()
+    except (ValueError, source.WindowTooShort) as exc:
+        raise _fail(ExitCode.USAGE, str(exc)) from exc
+    except source.PrometheusError as exc:
+        raise _fail(ExitCode.TELEMETRY_FAILED, str(exc)) from exc
+    print(scoring.render(telemetry, window_s, output))
 
 
 @app.command("exit-codes")
@@ -277,6 +543,422 @@ def exit_codes(
         return
     for code in ExitCode:
         out.print(f"{int(code):>3}  {exitcodes.HELP[code]}", highlight=False)
+
+
+@app.command()
+def apply(
+    kustomize: Annotated[
+        Path | None,
+        typer.Option("-k", "--kustomize", help="Kustomization directory to render."),
+    ] = None,
+    filename: Annotated[
+        Path | None,
+        typer.Option("-f", "--filename", help="YAML file or directory; - for stdin."),
+    ] = None,
+    kubeconfig: Annotated[
+        Path | None,
+        typer.Option(envvar="KUBECONFIG", help="Kubeconfig file.  [env: KUBECONFIG]"),
+    ] = None,
+    context: Annotated[
+        str | None, typer.Option(help="Kubeconfig context (default: current).")
+    ] = None,
+    namespace: Annotated[
+        str | None,
+        typer.Option("-n", "--namespace", help="Namespace of objects that name none."),
+    ] = None,
+    dry_run: Annotated[
+        str, typer.Option("--dry-run", help="none, client (no server) or server.")
+    ] = "none",
+    to_dir: Annotated[
+        Path | None,
+        typer.Option(help="Write the manifests here for a GitOps repository instead."),
+    ] = None,
+    force_conflicts: Annotated[
+        bool, typer.Option(help="Take fields other field managers own.")
+    ] = False,
+) -> None:
+    """Apply manifests with server-side apply (field manager meshctl), or write them."""
+    from meshctl.kube import apply as kube_apply
+    from meshctl.kube import client as kube_client
+    from meshctl.kube import errors as kube_errors
+    from meshctl.routing import validate as checks
+
+    modes = kube_apply.DRY_RUN_MODES
+    if (kustomize is None) == (filename is None) or dry_run not in modes:
+        raise _fail(
+            ExitCode.USAGE,
+            f"give one of -k DIR or -f FILE; --dry-run is one of {', '.join(modes)}",
+        )
+    try:
+        objects = (
+            kube_apply.render_kustomization(kustomize)
+            if kustomize is not None
+            else kube_apply.read_files(filename)
+        )
+        objects = kube_apply.prepare(objects, namespace, _istio_problems(checks))
+        if to_dir is not None:
+            for path in kube_apply.write_to_dir(objects, to_dir):
+                print(path)
+            return
+        api = None
+        if dry_run != "client":
+            api = kube_client.Api(kube_client.connect(kubeconfig, context))
+        namespace = namespace or kube_client.default_namespace(kubeconfig, context)
+        for applied in kube_apply.apply(
+            api,
+            objects,
+            namespace=namespace,
+            dry_run=dry_run,
+            force_conflicts=force_conflicts,
+        ):
+            print(applied)
+    except kube_apply.ManifestError as exc:
+        raise _fail(ExitCode.INVALID, str(exc)) from exc
+    except kube_errors.KubeError as exc:
+        raise _fail(_kube_exit_code(exc), str(exc)) from exc
+
+
+_ISTIO_API_SUFFIXES = tuple(
+    f".istio.io/{v}" for v in ("v1", "v1beta1", "v1alpha3", "v1alpha1")
+)
+
+
+def _istio_problems(checks):
+    """meshctl's rules and $MESHCTL_ISTIO_CRDS's schemas, for Istio objects."""
+    crds = os.environ.get("MESHCTL_ISTIO_CRDS")
+    schemas = checks.load_crd_schemas(crds) if crds else None
+
+    def check(objects) -> list[str]:
+        istio = [o for o in objects if o["apiVersion"].endswith(_ISTIO_API_SUFFIXES)]
+        problems = checks.validate_objects(istio, source="manifests", schemas=schemas)
+        return [str(p) for p in problems]
+
+    return check
+
+
+def _kube_exit_code(exc: Exception) -> ExitCode:
+    """The exit code for an API server error."""
+    from meshctl.kube import errors as kube_errors
+
+    codes = {
+        kube_errors.Forbidden: ExitCode.PERMISSION_DENIED,
+        kube_errors.Unreachable: ExitCode.CLUSTER_UNREACHABLE,
+        kube_errors.Conflict: ExitCode.CONFLICT,
+        kube_errors.Invalid: ExitCode.INVALID,
+        kube_errors.NotFound: ExitCode.INVALID,
+    }
+    found = (code for cls, code in codes.items() if isinstance(exc, cls))
+    return next(found, ExitCode.FAILED)
+
+
+KubeconfigOpt = Annotated[
+    Path | None,
+    typer.Option(envvar="KUBECONFIG", help="Kubeconfig file.  [env: KUBECONFIG]"),
+]
+ContextOpt = Annotated[
+    str | None, typer.Option(help="Kubeconfig context (default: current).")
+]
+NamespaceOpt = Annotated[
+    str | None,
+    typer.Option(
+        "-n",
+        "--namespace",
+        help="The FL namespace (default: the context's, else fl).",
+        show_default=False,
+    ),
+]
+OutputOpt = Annotated[str, typer.Option("-o", "--output", help="table, json or yaml.")]
+WindowOpt = Annotated[
+    str, typer.Option(help="Telemetry window, a Prometheus duration (30s, 5m).")
+]
+PolicyOpt = Annotated[
+    str,
+    typer.Option(
+        envvar="MESHCTL_POLICY",
+        help=f"Selection policy: {', '.join(policies.NAMES)}, or the path of a "
+        "SelectionPolicy file.  [env: MESHCTL_POLICY]",
+    ),
+]
+
+
+def _cluster_backend(kubeconfig, context, namespace):
+    """The API connection and the routing backend of the FL namespace."""
+    from meshctl.backends.cluster import ClusterBackend
+    from meshctl.kube import client as kube_client
+
+    api = kube_client.Api(kube_client.connect(kubeconfig, context))
+    namespace = namespace or kube_client.default_namespace(kubeconfig, context) or "fl"
+    return ClusterBackend(api, namespace=namespace)
+
+
+def _resolve_policy(policy: str):
+    """The policy and its document, or the exit a bad name or file deserves."""
+    try:
+        return policies.resolve(policy)
+    except policies.PolicyDocumentError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        raise typer.Exit(int(ExitCode.INVALID)) from exc
+    except policies.UnknownPolicy as exc:
+        raise _fail(ExitCode.USAGE, str(exc)) from exc
+
+
+@app.command()
+def select(
+    prometheus_url: Annotated[
+        str,
+        typer.Option(
+            envvar="MESHCTL_PROMETHEUS_URL",
+            help="Prometheus base URL.  [env: MESHCTL_PROMETHEUS_URL]",
+        ),
+    ],
+    policy: PolicyOpt = "mesh",
+    per_round: Annotated[
+        int | None,
+        typer.Option(
+            "--per-round",
+            "-k",
+            help="Clients to route (default: the policy file's clientsPerRound, "
+            "else 5).",
+            show_default=False,
+        ),
+    ] = None,
+    window: WindowOpt = "5m",
+    settle_s: Annotated[
+        float,
+        typer.Option(
+            "--settle", help="Seconds to wait after each routing step for Istio."
+        ),
+    ] = 5.0,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the diff; write nothing.")
+    ] = False,
+    output: OutputOpt = "table",
+    kubeconfig: KubeconfigOpt = None,
+    context: ContextOpt = None,
+    namespace: NamespaceOpt = None,
+) -> None:
+    """Run one selection cycle on a cluster: telemetry, policy, routes."""
+    from meshctl.controller import select as selecting
+    from meshctl.kube import errors as kube_errors
+    from meshctl.telemetry import prometheus as source
+
+    _setup_logging(os.environ.get("MESHCTL_LOG_LEVEL", "WARNING"), "plain")
+    chosen, document = _resolve_policy(policy)
+    if output not in selecting.OUTPUTS:
+        raise _fail(ExitCode.USAGE, "-o is table, json or yaml")
+    try:
+        backend = _cluster_backend(kubeconfig, context, namespace)
+        reader = source.PrometheusSource(prometheus_url, namespace=backend.namespace)
+        try:
+            result = selecting.select_once(
+                backend,
+                reader,
+                chosen,
+                per_round=per_round or (document and document.clients_per_round) or 5,
+                window_s=source.parse_duration_s(window),
+                settle_s=settle_s,
+                dry_run=dry_run,
+            )
+        finally:
+            reader.close()
+    except ValueError as exc:
+        raise _fail(ExitCode.USAGE, str(exc)) from exc
+    except source.PrometheusError as exc:
+        raise _fail(ExitCode.TELEMETRY_FAILED, str(exc)) from exc
+    except kube_errors.KubeError as exc:
+        raise _fail(_kube_exit_code(exc), str(exc)) from exc
+    except selecting.SelectError as exc:
+        code = _kube_exit_code(exc.kube_error) if exc.kube_error else ExitCode.FAILED
+        raise _fail(code, str(exc)) from exc
+    if dry_run and result.diff:
+        print(result.diff, end="", file=sys.stdout if output == "table" else sys.stderr)
+    print(selecting.render(result, output))
+
+
+@app.command()
+def run(
+    prometheus_url: Annotated[
+        str,
+        typer.Option(
+            "--prometheus-url",
+            "--prometheus",
+            envvar="MESHCTL_PROMETHEUS_URL",
+            help="Prometheus base URL.  [env: MESHCTL_PROMETHEUS_URL]",
+        ),
+    ],
+    policy: PolicyOpt = "mesh",
+    listen: Annotated[
+        str, typer.Option(help="host:port of the round API, /healthz and /readyz.")
+    ] = "0.0.0.0:8080",
+    metrics_listen: Annotated[
+        str | None,
+        typer.Option(help="host:port of /metrics (default: the --listen port)."),
+    ] = None,
+    window: WindowOpt = "5m",
+    settle_s: Annotated[
+        float,
+        typer.Option(
+            "--settle", help="Seconds to wait after each routing step for Istio."
+        ),
+    ] = 5.0,
+    kubeconfig: KubeconfigOpt = None,
+    context: ContextOpt = None,
+    namespace: NamespaceOpt = None,
+    log_level: Annotated[
+        str,
+        typer.Option(envvar="MESHCTL_LOG_LEVEL", help="Log level on stderr."),
+    ] = "INFO",
+    log_format: Annotated[str, typer.Option(help="plain or json.")] = "plain",
+) -> None:
+    """Run the controller in a cluster until SIGTERM: round API, watch, health."""
+    import signal
+
+    from meshctl.controller import loop
+    from meshctl.kube import errors as kube_errors
+    from meshctl.telemetry import prometheus as source
+
+    _setup_logging(log_level, log_format)
+    chosen, _ = _resolve_policy(policy)
+    try:
+        backend = _cluster_backend(kubeconfig, context, namespace)
+        settings = loop.LoopSettings(
+            listen=loop.parse_address(listen),
+            metrics_listen=loop.parse_address(metrics_listen),
+            window_s=source.parse_duration_s(window),
+            settle_s=settle_s,
+        )
+    except ValueError as exc:
+        raise _fail(ExitCode.USAGE, str(exc)) from exc
+    except kube_errors.KubeError as exc:
+        raise _fail(_kube_exit_code(exc), str(exc)) from exc
+    reader = source.PrometheusSource(prometheus_url, namespace=backend.namespace)
+    controller_loop = loop.ControllerLoop(backend, reader, chosen, settings)
+    signal.signal(signal.SIGTERM, lambda *_: controller_loop.request_stop())
+    try:
+        controller_loop.start()
+        controller_loop.wait()
+    except OSError as exc:
+        raise _fail(ExitCode.USAGE, f"cannot listen on {listen}: {exc}") from exc
+    except KeyboardInterrupt:
+        pass
+    finally:
+        controller_loop.stop()
+        reader.close()
+
+
+@app.command()
+def status(
+    prometheus_url: Annotated[
+        str | None,
+        typer.Option(
+            envvar="MESHCTL_PROMETHEUS_URL",
+            help="Prometheus base URL for the clients' states (default: none).  "
+            "[env: MESHCTL_PROMETHEUS_URL]",
+            show_default=False,
+        ),
+    ] = None,
+    window: WindowOpt = "5m",
+    output: OutputOpt = "table",
+    kubeconfig: KubeconfigOpt = None,
+    context: ContextOpt = None,
+    namespace: NamespaceOpt = None,
+) -> None:
+    """Show the clients, their states, the selection, weights and routing version."""
+    from meshctl.controller import status as cluster_status
+    from meshctl.kube import errors as kube_errors
+    from meshctl.telemetry import prometheus as source
+
+    _setup_logging("WARNING", "plain")
+    if output not in cluster_status.OUTPUTS:
+        raise _fail(ExitCode.USAGE, "-o is table, json or yaml")
+    reader = None
+    try:
+        backend = _cluster_backend(kubeconfig, context, namespace)
+        if prometheus_url:
+            reader = source.PrometheusSource(
+                prometheus_url, namespace=backend.namespace
+            )
+        found = cluster_status.read_status(
+            backend, reader, window_s=source.parse_duration_s(window)
+        )
+    except ValueError as exc:
+        raise _fail(ExitCode.USAGE, str(exc)) from exc
+    except source.PrometheusError as exc:
+        raise _fail(ExitCode.TELEMETRY_FAILED, str(exc)) from exc
+    except kube_errors.KubeError as exc:
+        raise _fail(_kube_exit_code(exc), str(exc)) from exc
+    except cluster_status.StatusError as exc:
+        raise _fail(_kube_exit_code(exc.kube_error), str(exc)) from exc
+    finally:
+        if reader is not None:
+            reader.close()
+    print(cluster_status.render_status(found, output))
+
+
+@app.command()
+def server(
+    mesh: Annotated[
+        str, typer.Option(help="URL of the FL clients' Service, through the mesh.")
+    ],
+    controller: Annotated[str, typer.Option(help="URL of the controller's round API.")],
+    app_ref: Annotated[
+        str,
+        typer.Option("--app", help="The ServerApp as module:attribute."),
+    ] = "fl_app.server_app:app",
+    per_round: Annotated[
+        int, typer.Option("--per-round", "-k", help="Clients per round.")
+    ] = 5,
+    run_config: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="key=value for the ServerApp's run config (repeatable), "
+            "e.g. num-rounds=10.",
+            show_default=False,
+        ),
+    ] = None,
+    deadline_s: Annotated[
+        float, typer.Option(help="Seconds a round waits for its clients.")
+    ] = 600.0,
+    health_port: Annotated[
+        int, typer.Option(help="Port of /healthz (0: none).")
+    ] = 8081,
+    log_level: Annotated[
+        str,
+        typer.Option(envvar="MESHCTL_LOG_LEVEL", help="Log level on stderr."),
+    ] = "INFO",
+) -> None:
+    """Run the FL server in a cluster: a ServerApp over the mesh's routing slots."""
+    from meshctl.controller.roundapi import RoundAPIClient, RoundAPIError
+    from meshctl.flower import serverrole
+
+    _setup_logging(log_level, "plain")
+    try:
+        settings = serverrole.ServerSettings(
+            app_ref=app_ref,
+            mesh_url=mesh,
+            deadline_s=deadline_s,
+            health_port=health_port,
+            run_config=serverrole.parse_run_config(run_config or []),
+        )
+        serverrole.check_app_ref(app_ref)
+    except (ValueError, serverrole.ServerRoleError) as exc:
+        raise _fail(ExitCode.USAGE, str(exc)) from exc
+    try:
+        serverrole.check_controller(controller)  # before the app's heavy imports
+    except serverrole.ServerRoleError as exc:
+        raise _fail(ExitCode.FAILED, str(exc)) from exc
+    try:
+        server_app = serverrole.load_app(app_ref)
+    except serverrole.ServerRoleError as exc:
+        raise _fail(ExitCode.USAGE, str(exc)) from exc
+    api = RoundAPIClient(controller, per_round=per_round, timeout_s=deadline_s)
+    try:
+        serverrole.run(server_app, settings, arm=api.arm, report=api.report)
+    except (RoundAPIError, serverrole.ServerRoleError) as exc:
+        raise _fail(ExitCode.FAILED, str(exc)) from exc
+    finally:
+        api.close()
 
 
 def main() -> None:

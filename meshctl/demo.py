@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import random
 import signal
 import tempfile
 import time
@@ -20,20 +19,39 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from meshctl import policies, protocol, report
+import yaml
+
+from meshctl import policies, protocol, report, scenarios
 from meshctl.backends.directory import DirectoryBackend
 from meshctl.controller.cycle import Controller
 from meshctl.controller.roundapi import RoundAPIClient, RoundAPIServer
 from meshctl.flower.grid import MeshGrid
-from meshctl.localmesh.envoy import LocalMesh
-from meshctl.localmesh.workloads import ClientSpec, LocalWorkloads
+from meshctl.localmesh.envoy import EnvoyError, LocalMesh
+from meshctl.localmesh.prometheus import (
+    LocalPrometheus,
+    PrometheusProcessError,
+    find_prometheus,
+)
+from meshctl.localmesh.workloads import ClientSpec, LocalWorkloads, WorkloadError
 from meshctl.routing.plan import Step
+from meshctl.telemetry import localprom, score
 from meshctl.telemetry.envoystats import EnvoyStatsSource
+from meshctl.telemetry.prometheus import PrometheusSource
 from meshctl.types import ArmedRound, SlotOutcome
 
 log = logging.getLogger("meshctl.demo")
 
 CLIENT_APP = "fl_app.client_app:app"
+TELEMETRY_SOURCES = ("envoy", "prometheus")
+
+
+class SettingsError(ValueError):
+    """Settings that looked right but that the data or the machine cannot meet."""
+
+
+# Failures of the local mesh's own processes: Envoy, the client services and a
+# local Prometheus.
+MESH_ERRORS = (EnvoyError, WorkloadError, PrometheusProcessError)
 
 
 @dataclass(frozen=True)
@@ -43,7 +61,7 @@ class DemoSettings:
     clients: int = 20
     per_round: int = 5
     rounds: int = 15
-    policy: str = "mesh"
+    policy: str = "mesh"  # a policy name or the path of a SelectionPolicy file
     dataset: str = "ton_iot"
     seed: int = 0
     data_dir: Path | None = None
@@ -55,8 +73,13 @@ class DemoSettings:
     learning_rate: float = 3e-3
     failing_clients: int = 2
     fail_rate: float = 0.5
-    target: float = 0.95
+    out_dir: Path | None = None  # checked early; the caller writes the report
+    target: float = 0.97
     window_s: float = 30.0
+    telemetry: str = "envoy"  # envoy (its admin stats) or prometheus (PromQL)
+    prometheus_url: str | None = None  # None with prometheus: start one locally
+    scrape_interval: str = "1s"  # of the Prometheus the demo starts
+    scenario: str = "static"  # scenarios.NAMES: who fails, slows down, joins late
 
     def check(self) -> None:
         """Raise ``ValueError`` naming the option that cannot work."""
@@ -67,10 +90,51 @@ class DemoSettings:
         if self.rounds < 1:
             raise ValueError("--rounds must be at least 1")
         if self.time_scale <= 0 or self.deadline_s <= 0:
-            raise ValueError("--time-scale and --deadline-s must be positive")
+            raise ValueError(
+                f"--time-scale ({self.time_scale}) and --deadline-s "
+                f"({self.deadline_s}) must be positive"
+            )
         if not 0 <= self.failing_clients <= self.clients:
-            raise ValueError("--failing-clients must be between 0 and --clients")
-        policies.create(self.policy)  # raises UnknownPolicy with the valid names
+            raise ValueError(
+                f"--failing-clients ({self.failing_clients}) must be between 0 and "
+                f"--clients ({self.clients})"
+            )
+        if not 0.0 <= self.fail_rate <= 1.0:
+            raise ValueError(f"--fail-rate ({self.fail_rate}) must be between 0 and 1")
+        if not 0.0 < self.target <= 1.0:
+            raise ValueError(f"--target ({self.target}) must be in (0, 1]")
+        for option, path in (("--work-dir", self.work_dir), ("--out", self.out_dir)):
+            if path is not None:
+                _check_writable_dir(option, path)
+        # A name or a SelectionPolicy file: UnknownPolicy names the valid ones,
+        # PolicyDocumentError gives each problem's file, line and field.
+        policies.resolve(self.policy)
+        scenarios.get(self.scenario)  # UnknownScenario names the valid ones
+        if self.telemetry not in TELEMETRY_SOURCES:
+            raise ValueError(
+                f"--telemetry must be one of {', '.join(TELEMETRY_SOURCES)}, "
+                f"not {self.telemetry!r}"
+            )
+        if self.prometheus_url and self.telemetry != "prometheus":
+            raise ValueError("--prometheus-url needs --telemetry prometheus")
+        if self.telemetry == "prometheus" and not self.prometheus_url:
+            try:
+                find_prometheus()
+            except PrometheusProcessError as exc:
+                raise ValueError(f"--telemetry prometheus: {exc}") from exc
+
+
+def _check_writable_dir(option: str, path: Path) -> None:
+    """Raise ``ValueError`` unless ``path`` is, or can become, a writable directory.
+
+    Checked before any process starts, so that a bad path costs no training.
+    """
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise ValueError(f"{option} {path}: {exc.strerror or exc}") from exc
 
 
 class RoundTracker:
@@ -93,8 +157,10 @@ class RoundTracker:
         self._emulated_s = 0.0
         self._current: dict = {}
         self.rounds: list[report.RoundReport] = []
+        self.server_round = 0  # the round being armed or run
 
     def arm(self, server_round: int) -> ArmedRound:
+        self.server_round = server_round
         round_started = time.monotonic()
         armed = self._api.arm(server_round)
         self._current = {
@@ -144,6 +210,12 @@ class RoundTracker:
             scores={c: round(v, 4) for c, v in sorted(record.scores.items())},
         )
         self.rounds.append(entry)
+        self._controller.metrics.round_evaluated(
+            server_round,
+            entry.metrics,
+            round_s=entry.round_wall_s,
+            slot_statuses=[o.status for o in current["outcomes"]],
+        )
         self._on_round(entry)
 
     def _round_emulated_s(self, outcomes: list[SlotOutcome]) -> float:
@@ -160,9 +232,8 @@ class RoundTracker:
 def client_specs(
     settings: DemoSettings, shard_paths: list[Path], devices
 ) -> list[ClientSpec]:
-    """One client service per shard, with its device and its failure rate."""
-    rng = random.Random(settings.seed)
-    failing = set(rng.sample(range(settings.clients), settings.failing_clients))
+    """One client service per shard, with its device and its fault schedule."""
+    plans = client_schedules(settings, devices)
     specs = []
     for index, (path, device) in enumerate(zip(shard_paths, devices, strict=True)):
         specs.append(
@@ -174,17 +245,127 @@ def client_specs(
                     "data-path": str(path),
                     "ms-per-sample": device.compute_ms_per_sample,
                     "kbps": device.bandwidth_kbps,
-                    "fail-rate": settings.fail_rate if index in failing else 0.0,
                     "time-scale": settings.time_scale,
                     "seed": settings.seed * 1000 + index,
+                    **plans[index].node_config(),
                 },
             )
         )
     return specs
 
 
+def client_schedules(settings: DemoSettings, devices) -> list[scenarios.ClientSchedule]:
+    """Each client's faults and joining round under the settings' scenario."""
+    return scenarios.schedule(
+        scenarios.get(settings.scenario),
+        ms_per_sample=[device.compute_ms_per_sample for device in devices],
+        rounds=settings.rounds,
+        failing_clients=settings.failing_clients,
+        fail_rate=settings.fail_rate,
+        seed=settings.seed,
+    )
+
+
+# The settings a client pool fixes: its processes were started with them.
+POOL_FIELDS = (
+    "clients",
+    "dataset",
+    "seed",
+    "data_dir",
+    "rounds",
+    "time_scale",
+    "failing_clients",
+    "fail_rate",
+    "scenario",
+)
+
+
+@dataclass(frozen=True)
+class ClientPool:
+    """The FL clients of a run: their data, fault schedules and services.
+
+    A pool outlives a run when a bench gives the same pool to every policy:
+    the client services keep no state between requests but their data, and
+    each run brings its own Envoy and controller, so no run sees another's
+    routes or telemetry.
+    """
+
+    settings: DemoSettings
+    fed: object  # fl_app.data.FederatedData
+    plans: tuple[scenarios.ClientSchedule, ...]
+    workloads: LocalWorkloads
+
+    def ready(self, server_round: int) -> list[str]:
+        """Clients whose service is ready and whose scenario has them joined.
+
+        A late joiner's service runs from the start but reports no readiness
+        until its round, as a pod that is not Ready yet: the controller routes
+        only ready clients, so no request reaches it before then.
+        """
+        joined = [
+            protocol.client_id(p.index) for p in self.plans if p.present(server_round)
+        ]
+        return self.workloads.ready(joined)
+
+    def check(self, settings: DemoSettings) -> None:
+        """Raise ``ValueError`` when ``settings`` need other client services."""
+        for name in POOL_FIELDS:
+            if getattr(settings, name) != getattr(self.settings, name):
+                raise ValueError(
+                    f"the client pool was started with {name}="
+                    f"{getattr(self.settings, name)!r}, not {getattr(settings, name)!r}"
+                )
+
+
 @contextlib.contextmanager
-def _terminate_as_interrupt() -> Iterator[None]:
+def client_pool(settings: DemoSettings, work_dir: Path) -> Iterator[ClientPool]:
+    """Split the data, start every client service; stop them all on exit.
+
+    Returns without waiting for readiness: ``pool.workloads.wait_ready()``.
+    """
+    from fl_app import data, devices  # the case study, behind the face
+
+    # Data first: a missing dataset should stop the run before any process starts.
+    # A split or a trace too small for --clients is the user's setting to change.
+    try:
+        fed = data.prepare_federated(
+            settings.dataset,
+            settings.clients,
+            seed=settings.seed,
+            data_dir=settings.data_dir,
+        )
+        profiles = devices.assign_devices(
+            settings.clients, settings.seed, data_dir=settings.data_dir
+        )
+    except data.DataError:
+        raise
+    except ValueError as exc:
+        raise SettingsError(f"--clients {settings.clients}: {exc}") from exc
+    shard_paths = []
+    for index, x in enumerate(fed.clients):
+        path = work_dir / "data" / f"{protocol.client_id(index)}.npz"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data.save_client_shard(path, x)
+        shard_paths.append(path)
+    log.info(
+        "data: %s, %d clients (%d to %d rows), %d labelled on the server, %d test rows",
+        settings.dataset,
+        settings.clients,
+        min(fed.client_sizes),
+        max(fed.client_sizes),
+        len(fed.server_y),
+        len(fed.test_y),
+    )
+    plans = tuple(client_schedules(settings, profiles))
+    for line in scenarios.describe(plans):
+        log.info("scenario %s: %s", settings.scenario, line)
+    with LocalWorkloads(work_dir / "logs") as workloads:
+        workloads.start(client_specs(settings, shard_paths, profiles))
+        yield ClientPool(settings, fed, plans, workloads)
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
     """Let SIGTERM unwind like Ctrl-C, so every started process is stopped."""
 
     def interrupt(signum, frame):
@@ -200,55 +381,41 @@ def _terminate_as_interrupt() -> Iterator[None]:
 def run(
     settings: DemoSettings,
     on_round: Callable[[report.RoundReport], None] = lambda entry: None,
+    pool: ClientPool | None = None,
 ) -> dict:
-    """Run the whole demo and return the report as a dict."""
-    from fl_app import data, devices, server_app  # the case study, behind the face
+    """Run the whole demo and return the report as a dict.
+
+    Without a ``pool`` the run starts its own client services and stops them
+    at the end; with one it uses the pool's and leaves them running.
+    """
+    from fl_app import server_app  # the case study, behind the face
 
     settings.check()
+    if pool is not None:
+        pool.check(settings)
     with contextlib.ExitStack() as stack:
-        stack.enter_context(_terminate_as_interrupt())
+        stack.enter_context(terminate_as_interrupt())
         work_dir = settings.work_dir or Path(
             stack.enter_context(tempfile.TemporaryDirectory(prefix="meshctl-demo-"))
         )
         started = time.monotonic()
 
-        # Data first: a missing dataset should stop the run before any process starts.
-        fed = data.prepare_federated(
-            settings.dataset,
-            settings.clients,
-            seed=settings.seed,
-            data_dir=settings.data_dir,
-        )
-        profiles = devices.assign_devices(
-            settings.clients, settings.seed, data_dir=settings.data_dir
-        )
-        shard_paths = []
-        for index, x in enumerate(fed.clients):
-            path = work_dir / "data" / f"{protocol.client_id(index)}.npz"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            data.save_client_shard(path, x)
-            shard_paths.append(path)
-        log.info(
-            "data: %s, %d clients (%d to %d rows), %d labelled on the server, "
-            "%d test rows",
-            settings.dataset,
-            settings.clients,
-            min(fed.client_sizes),
-            max(fed.client_sizes),
-            len(fed.server_y),
-            len(fed.test_y),
-        )
-
-        # The client services and the mesh in front of them.
-        workloads = stack.enter_context(LocalWorkloads(work_dir / "logs"))
-        workloads.start(client_specs(settings, shard_paths, profiles))
+        # The client services (the data first) and the mesh in front of them.
+        if pool is None:
+            pool = stack.enter_context(client_pool(settings, work_dir))
+        fed, workloads = pool.fed, pool.workloads
         mesh = stack.enter_context(
             LocalMesh(work_dir=work_dir / "envoy", routing_dir=work_dir / "routing")
         )
+        # Prometheus scrapes first about 5 s after it starts: start it while
+        # the client services load.
+        prometheus = _prometheus_source(stack, settings, work_dir, mesh, workloads)
         ready_s = workloads.wait_ready()
-        log.info("%d client services ready in %.1fs", settings.clients, ready_s)
+        log.info("%d client services ready in %.1fs", len(workloads.workloads), ready_s)
 
         # The controller, reached by the server through its round API.
+        policy, document = policies.resolve(settings.policy)
+        window_s = (document and document.telemetry_window_s) or settings.window_s
         stats = EnvoyStatsSource(mesh.admin_url)
         stack.callback(stats.close)
         backend = DirectoryBackend(
@@ -257,16 +424,22 @@ def run(
         )
         controller = Controller(
             clients=[protocol.client_id(i) for i in range(settings.clients)],
-            policy=policies.create(settings.policy),
-            telemetry=stats,
+            policy=policy,
+            telemetry=prometheus or stats,
             backend=backend,
             wait=lambda step: _wait_served(mesh, step),
-            ready=workloads.ready,
-            window_s=settings.window_s,
+            # The tracker exists by the time the controller asks who is ready.
+            ready=lambda: pool.ready(tracker.server_round),
+            window_s=window_s,
             seed=settings.seed,
         )
         api_server = RoundAPIServer(controller).start()
         stack.callback(api_server.stop)
+        if prometheus is not None:
+            localprom.write_targets(
+                work_dir / "prometheus" / "targets",
+                controller=api_server.url.removeprefix("http://"),
+            )
         api = RoundAPIClient(api_server.url, per_round=settings.per_round)
         stack.callback(api.close)
 
@@ -290,22 +463,92 @@ def run(
             ),
             on_evaluate=tracker.evaluated,
         )
-        result = report.build(
-            settings={
-                "policy": settings.policy,
-                "dataset": settings.dataset,
-                "clients": settings.clients,
-                "per_round": settings.per_round,
-                "seed": settings.seed,
-                "settings": _jsonable(settings),
-                "client_ids": list(controller.clients),
-                "wall_total_s": None,
-            },
-            rounds=tracker.rounds,
-            target=settings.target,
+        result = report_of(
+            settings, tracker.rounds, wall_total_s=time.monotonic() - started
         )
-        result["wall_total_s"] = round(time.monotonic() - started, 2)
+        result["telemetry"] = {
+            "source": settings.telemetry,
+            "prometheus_url": prometheus.url if prometheus else None,
+            "rounds": [
+                {"round": r.server_round, "clients": score.rows(r.telemetry)}
+                for r in controller.records
+            ],
+        }
         return result
+
+
+def report_of(
+    settings: DemoSettings,
+    rounds: list[report.RoundReport],
+    *,
+    wall_total_s: float | None = None,
+    interrupted: bool = False,
+) -> dict:
+    """The report of a run, or of the rounds an interrupted run finished."""
+    result = report.build(
+        settings={
+            "policy": settings.policy,
+            "dataset": settings.dataset,
+            "clients": settings.clients,
+            "per_round": settings.per_round,
+            "seed": settings.seed,
+            "settings": _jsonable(settings),
+            "client_ids": [protocol.client_id(i) for i in range(settings.clients)],
+        },
+        rounds=rounds,
+        target=settings.target,
+    )
+    result["wall_total_s"] = None if wall_total_s is None else round(wall_total_s, 2)
+    if interrupted:
+        result["interrupted"] = True
+    return result
+
+
+def _prometheus_source(
+    stack: contextlib.ExitStack,
+    settings: DemoSettings,
+    work_dir: Path,
+    mesh: LocalMesh,
+    workloads: LocalWorkloads,
+) -> PrometheusSource | None:
+    """With ``--telemetry prometheus``: a Prometheus scraping this run, and its
+    reader; the local one is started here and stopped with the demo."""
+    if settings.telemetry != "prometheus":
+        return None
+    prom_dir = work_dir / "prometheus"
+    targets_dir = prom_dir / "targets"
+    localprom.write_targets(
+        targets_dir,
+        envoy_admin=mesh.admin_url.removeprefix("http://"),
+        workloads=workloads.workloads,
+    )
+    url = settings.prometheus_url
+    if url is None:
+        config = localprom.file_sd_config(
+            targets_dir, scrape_interval=settings.scrape_interval
+        )
+        url = stack.enter_context(LocalPrometheus(prom_dir, config)).url
+    else:
+        jobs = prom_dir / "scrape-configs.yml"
+        jobs.write_text(
+            yaml.safe_dump(
+                {"scrape_configs": localprom.file_sd_scrape_configs(targets_dir)},
+                sort_keys=False,
+            )
+        )
+        log.warning(
+            "Prometheus at %s must scrape this run: add the jobs of %s to its "
+            "config; they read their targets from %s, which this run rewrites",
+            url,
+            jobs,
+            targets_dir,
+        )
+    source = PrometheusSource(
+        url, fresh_scrape_jobs=(localprom.ENVOY_JOB, localprom.CLIENTS_JOB)
+    )
+    stack.callback(source.close)
+    log.info("telemetry: production PromQL from Prometheus at %s", url)
+    return source
 
 
 def _push(mesh: LocalMesh, kind: str, obj: dict, workloads: LocalWorkloads) -> None:

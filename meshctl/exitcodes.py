@@ -12,6 +12,10 @@ class ExitCode(IntEnum):
     DATA_MISSING = 3
     INVALID = 4
     MESH_FAILED = 5
+    TELEMETRY_FAILED = 6
+    CLUSTER_UNREACHABLE = 7
+    PERMISSION_DENIED = 8
+    CONFLICT = 9
     INTERRUPTED = 130
 
 
@@ -25,6 +29,22 @@ HELP: dict[ExitCode, str] = {
     ExitCode.INVALID: "an input file or object is invalid; each problem is listed",
     ExitCode.MESH_FAILED: (
         "the local mesh (Envoy or a client service) did not start or stopped"
+    ),
+    ExitCode.TELEMETRY_FAILED: (
+        "Prometheus was unreachable, too slow or refused the query; "
+        "the message says which"
+    ),
+    ExitCode.CLUSTER_UNREACHABLE: (
+        "the Kubernetes API server could not be reached, or no kubeconfig "
+        "names one; check --kubeconfig and --context"
+    ),
+    ExitCode.PERMISSION_DENIED: (
+        "the Kubernetes API refused a verb (403); the message names the verb, "
+        "the resource and the namespace that the Role must grant"
+    ),
+    ExitCode.CONFLICT: (
+        "an object kept changing under meshctl (409) or another field manager "
+        "owns its fields; nothing was overwritten, run the command again"
     ),
     ExitCode.INTERRUPTED: "stopped by Ctrl-C or SIGTERM; every started process ended",
 }

@@ -40,15 +40,23 @@ class RoundReport:
     scores: dict[str, float] = field(default_factory=dict)
 
 
+def first_at_target(
+    rounds: Sequence[RoundReport], metric: str, target: float
+) -> RoundReport | None:
+    """The first round whose ``metric`` reached ``target``."""
+    for entry in rounds:
+        value = entry.metrics.get(metric)
+        if value is not None and math.isfinite(value) and value >= target:
+            return entry
+    return None
+
+
 def time_to_target(
     rounds: Sequence[RoundReport], metric: str, target: float
 ) -> float | None:
     """Cumulative emulated seconds when ``metric`` first reached ``target``."""
-    for entry in rounds:
-        value = entry.metrics.get(metric)
-        if value is not None and math.isfinite(value) and value >= target:
-            return entry.emulated_s
-    return None
+    entry = first_at_target(rounds, metric, target)
+    return entry.emulated_s if entry is not None else None
 
 
 def build(
@@ -60,6 +68,7 @@ def build(
 ) -> dict:
     """The report as a JSON-ready dict."""
     final = dict(rounds[-1].metrics) if rounds else {}
+    reached = first_at_target(rounds, metric, target)
     return {
         **settings,
         "rounds": [asdict(r) for r in rounds],
@@ -67,7 +76,9 @@ def build(
         "time_to_target": {
             "metric": metric,
             "target": target,
-            "emulated_s": time_to_target(rounds, metric, target),
+            "emulated_s": reached.emulated_s if reached else None,
+            "wall_s": reached.wall_s if reached else None,
+            "round": reached.round if reached else None,
         },
     }
 

@@ -36,6 +36,9 @@ class ClientTelemetry:
     error_ratio: float | None = None
     latency_p50_ms: float | None = None
     latency_p95_ms: float | None = None
+    # Outlier-detection ejections of the client's endpoint in the window;
+    # None when the source does not report them.
+    ejections: int | None = None
 
 
 @dataclass(frozen=True)
@@ -67,3 +70,8 @@ class ArmedRound:
     server_round: int
     slots: tuple[int, ...]
     routing_version: str
+    # Per-slot training settings the policy asked for (e.g. local-steps-factor);
+    # the grid merges them into the configuration of that slot's messages.
+    slot_config: Mapping[int, Mapping[str, int | float | str | bool]] = field(
+        default_factory=dict
+    )

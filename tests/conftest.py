@@ -117,6 +117,23 @@ def http_backends() -> Iterator[Callable[..., Backend]]:
         server.server_close()
 
 
+@pytest.fixture(scope="session")
+def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One real Prometheus per session on loopback, fed by remote write; its URL.
+
+    Skips, naming the Debian package, where no ``prometheus`` binary exists.
+    """
+    from tests import prometheus_support
+
+    if prometheus_support.find_prometheus() is None:
+        pytest.skip(prometheus_support.skip_message())
+    server = prometheus_support.PrometheusProcess(
+        tmp_path_factory.mktemp("prometheus"), scrape_interval="5s"
+    ).start()
+    yield server.url
+    server.stop()
+
+
 @pytest.fixture
 def local_mesh(tmp_path: Path) -> Iterator[Callable[..., LocalMesh]]:
     """Start real Envoy meshes in ``tmp_path``; every one is stopped at teardown."""
@@ -131,3 +148,19 @@ def local_mesh(tmp_path: Path) -> Iterator[Callable[..., LocalMesh]]:
     yield start
     for mesh in meshes:
         mesh.stop()
+
+
+@pytest.fixture
+def fake_kube(crd_path: Path) -> Iterator:
+    """A fake Kubernetes API server over HTTP serving Istio's CRDs, with the
+    namespace ``fl``; stopped at teardown."""
+    from tests.fakekube import FakeKube
+
+    with FakeKube(crd_path, namespaces=("default", "fl")) as server:
+        yield server
+
+
+@pytest.fixture
+def kubeconfig(fake_kube, tmp_path: Path) -> Path:
+    """A kubeconfig whose current context points at ``fake_kube``."""
+    return fake_kube.write_kubeconfig(tmp_path / "kubeconfig")

@@ -334,3 +334,17 @@ def test_nsl_kdd_uses_its_own_test_file_and_a_dirichlet_split(data_dir: Path) ->
     assert split.input_dim == 118
     assert len(split.clients) == 10
     assert split.client_devices == [()] * 10
+
+
+def test_a_damaged_data_file_is_refused_naming_it(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    damaged = tmp_path / "ton_iot_network" / "toniot.csv.gz"
+    damaged.parent.mkdir()
+    original = (data_dir / "ton_iot_network" / "toniot.csv.gz").read_bytes()
+    damaged.write_bytes(
+        original[:1000] + bytes([original[1000] ^ 0xFF]) + original[1001:]
+    )
+
+    with pytest.raises(data.DataError, match="toniot.csv.gz is damaged"):
+        data.load_dataset("ton_iot", tmp_path)

@@ -11,17 +11,14 @@ from fl_app import data, devices
 
 
 @pytest.fixture
-def small_trace_dir(tmp_path: Path) -> Path:
-    trace = pd.DataFrame(
+def small_trace() -> pd.DataFrame:
+    return pd.DataFrame(
         {
             "client_id": range(1, 11),
             "computation_ms_per_sample": [15, 20, 30, 41, 50, 60, 80, 100, 150, 199],
             "communication_kbps": [1000.0 * (i + 1) for i in range(10)],
         }
     )
-    (tmp_path / "fedscale").mkdir()
-    trace.to_csv(tmp_path / "fedscale" / "client_device_capacity.csv", index=False)
-    return tmp_path
 
 
 def test_round_seconds_follow_fedscale_on_a_hand_worked_case() -> None:
@@ -38,18 +35,20 @@ def test_round_seconds_follow_fedscale_on_a_hand_worked_case() -> None:
     assert comm_s == pytest.approx(0.2)
 
 
-def test_devices_are_distinct_rows_drawn_with_the_seed(small_trace_dir: Path) -> None:
-    first = devices.assign_devices(4, seed=1, data_dir=small_trace_dir)
-    again = devices.assign_devices(4, seed=1, data_dir=small_trace_dir)
-    other = devices.assign_devices(4, seed=2, data_dir=small_trace_dir)
+def test_devices_are_distinct_rows_drawn_with_the_seed(
+    small_trace: pd.DataFrame,
+) -> None:
+    first = devices.profiles_from_trace(small_trace, 4, seed=1)
+    again = devices.profiles_from_trace(small_trace, 4, seed=1)
+    other = devices.profiles_from_trace(small_trace, 4, seed=2)
 
     assert first == again
     assert first != other
     assert len({profile.trace_id for profile in first}) == 4
 
 
-def test_a_profile_carries_its_trace_row(small_trace_dir: Path) -> None:
-    (profile,) = devices.assign_devices(1, seed=0, data_dir=small_trace_dir)
+def test_a_profile_carries_its_trace_row(small_trace: pd.DataFrame) -> None:
+    (profile,) = devices.profiles_from_trace(small_trace, 1, seed=0)
 
     row = profile.trace_id - 1
     assert (
@@ -59,9 +58,9 @@ def test_a_profile_carries_its_trace_row(small_trace_dir: Path) -> None:
     assert profile.bandwidth_kbps == 1000.0 * (row + 1)
 
 
-def test_more_clients_than_trace_rows_is_refused(small_trace_dir: Path) -> None:
+def test_more_clients_than_trace_rows_is_refused(small_trace: pd.DataFrame) -> None:
     with pytest.raises(ValueError, match="10 devices"):
-        devices.assign_devices(11, seed=0, data_dir=small_trace_dir)
+        devices.profiles_from_trace(small_trace, 11, seed=0)
 
 
 def test_a_missing_trace_raises_data_error_naming_it(tmp_path: Path) -> None:

@@ -50,4 +50,4 @@ def test_an_unknown_policy_is_a_usage_error_naming_the_known_ones() -> None:
     result = CliRunner().invoke(cli.app, ["demo", "--policy=oracle"])
 
     assert result.exit_code == int(exitcodes.ExitCode.USAGE)
-    assert "mesh, random" in result.output
+    assert "mesh, oort, power-of-choice" in " ".join(result.output.split())

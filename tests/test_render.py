@@ -159,7 +159,9 @@ def test_user_routes_and_unknown_fields_survive_rendering_unchanged() -> None:
 
 
 def test_owned_routes_are_replaced_user_routes_keep_their_order() -> None:
-    vs, _ = render.render_exact({1: "c-05"}, routing_version="r2", live_vs=_user_vs())
+    vs, _ = render.render_exact(
+        {1: "c-05"}, routing_version="r2", live_vs=_user_vs(), live_dr=_user_dr()
+    )
 
     names = [r["name"] for r in vs["spec"]["http"]]
 
@@ -212,7 +214,9 @@ def test_a_user_catch_all_route_replaces_the_fallback() -> None:
     catch_all = {"name": "default", "route": [{"destination": {"host": "fl-clients"}}]}
     live_vs["spec"]["http"].append(catch_all)
 
-    vs, _ = render.render_exact({1: "c-05"}, routing_version="r2", live_vs=live_vs)
+    vs, _ = render.render_exact(
+        {1: "c-05"}, routing_version="r2", live_vs=live_vs, live_dr=_user_dr()
+    )
 
     assert vs["spec"]["http"][-1] == catch_all
     assert protocol.FALLBACK_ROUTE_NAME not in [r["name"] for r in vs["spec"]["http"]]
@@ -363,6 +367,7 @@ def test_the_default_budget_holds_hundreds_of_slots() -> None:
 
 def test_the_routing_package_exports_exactly_its_public_api() -> None:
     assert sorted(meshctl.routing.__all__) == [
+        "Hysteresis",
         "Problem",
         "RoutingError",
         "Step",
@@ -373,6 +378,7 @@ def test_the_routing_package_exports_exactly_its_public_api() -> None:
         "render_exact",
         "render_weighted",
         "validate_objects",
+        "weights_for_clients",
         "weights_from_scores",
     ]
     for name in meshctl.routing.__all__:

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import yaml
 
 from meshctl.routing import validate
 from meshctl.routing.errors import RoutingError
@@ -326,3 +327,191 @@ def test_a_file_of_objects_validates_with_its_name_as_source(tmp_path: Path) -> 
         f"{path}: VirtualService fl/fl-clients: spec.http[1].route: "
         "2 destinations and no weights"
     ]
+
+
+# --- CEL rules ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "path", "message"),
+    [
+        ("timeout", "0s", "spec.http[0].timeout", "valid duration greater than 1ms"),
+        (
+            "retries",
+            {"attempts": 3, "perTryTimeout": "soon"},
+            "spec.http[0].retries.perTryTimeout",
+            "cannot be evaluated",
+        ),
+        (
+            "fault",
+            {"delay": {"fixedDelay": "500us", "percentage": {"value": 5}}},
+            "spec.http[0].fault.delay.fixedDelay",
+            "valid duration greater than 1ms",
+        ),
+    ],
+    ids=["zero-timeout", "unparsable-per-try-timeout", "sub-millisecond-delay"],
+)
+def test_the_crds_cel_rules_flag_the_field_they_sit_on(
+    istio_schemas: dict, field: str, value: object, path: str, message: str
+) -> None:
+    vs = _vs()
+    vs["spec"]["http"][0][field] = value
+
+    (problem,) = validate.validate_objects([vs], schemas=istio_schemas)
+
+    assert (problem.object, problem.path) == ("VirtualService fl/fl-clients", path)
+    assert problem.message.startswith("CEL: must be a valid duration")
+    assert message in problem.message
+
+
+def test_cel_rules_on_maps_check_keys_and_values(istio_schemas: dict) -> None:
+    dr = _dr()
+    dr["spec"]["workloadSelector"] = {"matchLabels": {"app*": "fl", "tier": "a*"}}
+
+    problems = validate.validate_objects([dr], schemas=istio_schemas)
+
+    assert {(p.path, p.message.split(" (rule")[0]) for p in problems} == {
+        (
+            "spec.workloadSelector.matchLabels",
+            "CEL: wildcard not allowed in label key match",
+        ),
+        (
+            "spec.workloadSelector.matchLabels.tier",
+            "CEL: wildcard not allowed in label value match",
+        ),
+    }
+
+
+def test_durations_the_cel_rules_accept_pass(istio_schemas: dict) -> None:
+    vs = _vs()
+    vs["spec"]["http"][0]["timeout"] = "1h30m"
+    vs["spec"]["http"][0]["retries"] = {"attempts": 3, "perTryTimeout": "1.5s"}
+
+    assert validate.validate_objects([vs, _dr()], schemas=istio_schemas) == []
+
+
+_CRD_WITH_RULES = """\
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata: {name: widgets.example.com}
+spec:
+  group: example.com
+  names: {kind: Widget}
+  versions:
+  - name: v1
+    schema:
+      openAPIV3Schema:
+        type: object
+        properties:
+          spec:
+            type: object
+            properties:
+              size:
+                type: integer
+                x-kubernetes-validations:
+                - {rule: "self >= 2", message: "size must be at least 2"}
+                - {rule: "self.frobnicate(", message: "never compiles"}
+                - {rule: "self >= oldSelf", message: "never shrinks"}
+"""
+
+
+def test_a_rule_the_library_cannot_compile_is_skipped_and_said_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "crd.yaml"
+    path.write_text(_CRD_WITH_RULES)
+    widget = {
+        "apiVersion": "example.com/v1",
+        "kind": "Widget",
+        "metadata": {"name": "w"},
+        "spec": {"size": 1},
+    }
+
+    schemas = validate.load_crd_schemas(path)
+    first = validate.validate_objects([widget], schemas=schemas)
+    second = validate.validate_objects([widget], schemas=schemas)
+
+    assert [p.message for p in first] == [
+        "CEL: size must be at least 2 (rule self >= 2)"
+    ]
+    assert second == first
+    skipped = [r for r in caplog.records if "self.frobnicate(" in r.getMessage()]
+    assert len(skipped) == 1
+    assert "cannot be compiled by cel-python" in skipped[0].getMessage()
+    assert "it is skipped" in skipped[0].getMessage()
+
+
+# --- the command line --------------------------------------------------------
+
+
+def _run_validate(*args: str):
+    from typer.testing import CliRunner
+
+    from meshctl.cli import app
+
+    return CliRunner().invoke(app, ["validate", *args])
+
+
+def test_meshctl_validate_exits_0_for_a_valid_multi_document_file(
+    tmp_path: Path, crd_path: Path
+) -> None:
+    import yaml
+
+    path = tmp_path / "routes.yaml"
+    path.write_text(yaml.safe_dump_all([_vs(), _dr()]))
+
+    result = _run_validate(str(path), "--crds", str(crd_path))
+
+    assert result.exit_code == 0, result.output
+    assert result.stdout == ""
+
+
+def test_meshctl_validate_exits_4_with_one_line_per_problem(
+    tmp_path: Path, crd_path: Path
+) -> None:
+    import yaml
+
+    vs = _vs()
+    vs["spec"]["http"][0]["timeout"] = "0s"
+    _no_weights([vs])
+    path = tmp_path / "routes.yaml"
+    path.write_text(yaml.safe_dump_all([vs, _dr()]))
+
+    result = _run_validate(str(path), "--crds", str(crd_path))
+
+    assert result.exit_code == 4
+    assert result.stdout.splitlines() == [
+        f"{path}: VirtualService fl/fl-clients: spec.http[1].route: "
+        "2 destinations and no weights",
+        f"{path}: VirtualService fl/fl-clients: spec.http[0].timeout: CEL: must be "
+        "a valid duration greater than 1ms (rule duration(self) >= duration('1ms'))",
+    ]
+
+
+def test_a_route_to_a_subset_defined_in_no_given_file_is_flagged_across_files(
+    tmp_path,
+) -> None:
+    from typer.testing import CliRunner
+
+    from meshctl import cli, protocol
+    from meshctl.routing import render
+
+    vs, dr = render.render_exact({1: "c-01"}, routing_version="r1")
+    vs["spec"]["http"][0]["route"][0]["destination"]["subset"] = "c-99"
+    (tmp_path / "vs.yaml").write_text(yaml.safe_dump(vs))
+    (tmp_path / "dr.yaml").write_text(yaml.safe_dump(dr))
+
+    result = CliRunner().invoke(
+        cli.app, ["validate", str(tmp_path / "vs.yaml"), str(tmp_path / "dr.yaml")]
+    )
+
+    assert result.exit_code == 4
+    assert "c-99" in result.output and protocol.SERVICE_HOST in result.output
+
+
+def test_a_file_that_is_not_utf8_is_one_clear_problem(tmp_path) -> None:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(b"kind: VirtualService\nname: caf\xe9\n")
+
+    with pytest.raises(RoutingError, match="not UTF-8"):
+        validate.load_yaml_documents(path)

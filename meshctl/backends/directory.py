@@ -12,6 +12,7 @@ to Envoy and wait for it; if it fails, the previous file is put back.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -49,6 +50,9 @@ class DirectoryBackend:
         self._on_change = on_change
         self._schemas = schemas
         self._budget_bytes = budget_bytes
+        # Parsed files by (path, inode, size, mtime): every write renames a new
+        # file into place, so a changed file never matches an old key.
+        self._parsed: dict[Path, tuple[tuple[int, int, int], dict]] = {}
 
     def path_for(self, kind: str) -> Path:
         """The file that holds the object of ``kind``."""
@@ -117,13 +121,20 @@ class DirectoryBackend:
     def _read_kind(self, kind: str) -> dict | None:
         """One file's object, or ``None`` when the file does not exist."""
         path = self.path_for(kind)
-        if not path.exists():
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
             return None
+        key = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        cached = self._parsed.get(path)
+        if cached is not None and cached[0] == key:
+            return copy.deepcopy(cached[1])
         docs = validate.load_yaml_documents(path)
         if len(docs) != 1 or docs[0].get("kind") != kind:
             raise RoutingError(
                 f"{path}: expected one {kind}, found {len(docs)} document(s)"
             )
+        self._parsed[path] = (key, copy.deepcopy(docs[0]))
         return docs[0]
 
     def _check(self, obj: dict, kind: str, path: Path) -> None:
@@ -148,8 +159,8 @@ class DirectoryBackend:
 
     def _verify(self, path: Path, intended: dict) -> None:
         """The file must hold exactly the intended object."""
-        docs = validate.load_yaml_documents(path)
-        if docs != [intended]:
+        self._parsed.pop(path, None)
+        if self._read_kind(str(intended.get("kind"))) != intended:
             raise RoutingError(f"{path}: read back a different object than was written")
 
 

@@ -10,8 +10,10 @@ client's name, for the policy's next decision.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
+import math
 import random
 import threading
 import time
@@ -20,9 +22,12 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from meshctl.policies import Policy, SelectionInput
+from meshctl.controller.metrics import ControllerMetrics
+from meshctl.policies import Policy, Selection, SelectionInput
 from meshctl.protocol import ROUTING_VERSION_ANNOTATION
-from meshctl.routing import plan, render
+from meshctl.routing import plan, render, validate
+from meshctl.routing.errors import RoutingError
+from meshctl.routing.hysteresis import Decision, Hysteresis
 from meshctl.types import ArmedRound, ClientFeedback, ClientTelemetry, SlotOutcome
 
 log = logging.getLogger("meshctl.controller")
@@ -60,10 +65,19 @@ class RoundRecord:
     scores: Mapping[str, float] = field(default_factory=dict)
     reasons: Mapping[str, str] = field(default_factory=dict)
     telemetry: Mapping[str, ClientTelemetry] = field(default_factory=dict)
+    weights: Mapping[str, int] = field(default_factory=dict)
+    routing_note: str = ""
 
 
 class Controller:
-    """Arms rounds by routing and keeps the server's feedback per client."""
+    """Arms rounds by routing and keeps the server's feedback per client.
+
+    ``mode`` is ``exact`` (one route per slot) or ``weighted`` (one route whose
+    weights come from the policy's scores; the server's feedback cannot then be
+    put under a client's name and is ignored).  ``hysteresis`` holds the live
+    selection against small or too frequent changes; ``budget_bytes`` caps the
+    size of each rendered object.
+    """
 
     def __init__(
         self,
@@ -77,7 +91,15 @@ class Controller:
         window_s: float = 60.0,
         seed: int = 0,
         namespace: str = "fl",
+        mode: str = "exact",
+        hysteresis: Hysteresis | None = None,
+        budget_bytes: int = render.DEFAULT_SIZE_BUDGET_BYTES,
+        telemetry_retry_s: tuple[float, float] = (5.0, 300.0),
+        clock: Callable[[], float] = time.monotonic,
+        metrics: ControllerMetrics | None = None,
     ) -> None:
+        if mode not in ("exact", "weighted"):
+            raise ValueError(f"mode is 'exact' or 'weighted', not {mode!r}")
         self.clients = tuple(clients)
         self.policy = policy
         self._telemetry = telemetry
@@ -86,6 +108,15 @@ class Controller:
         self._ready = ready
         self._window_s = window_s
         self._namespace = namespace
+        self.mode = mode
+        self._hysteresis = hysteresis or Hysteresis()
+        self._budget_bytes = budget_bytes
+        # Telemetry back-off: first and longest delay, failures in a row, next try.
+        self._retry_s = telemetry_retry_s
+        self._clock = clock
+        self._telemetry_failures = 0
+        self._telemetry_retry_at = -math.inf
+        self.metrics = metrics or ControllerMetrics()
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._history: dict[str, list[ClientFeedback]] = defaultdict(list)
@@ -100,6 +131,9 @@ class Controller:
             candidates = [c for c in self.clients if c in set(self._ready())]
             if not candidates:
                 raise ArmError(f"round {server_round}: no client has a ready endpoint")
+            if telemetry is None and self._last_routes_ready(candidates):
+                return self._keep_last_routes(server_round, started)
+            telemetry = telemetry if telemetry is not None else {}
             selection = self.policy.select(
                 SelectionInput(
                     server_round=server_round,
@@ -110,14 +144,19 @@ class Controller:
                 ),
                 self._rng,
             )
-            assignment = {slot: c for slot, c in enumerate(selection.clients, start=1)}
+            note = ""
             try:
-                version, waits = self._apply(
-                    assignment, routing_version(server_round, assignment), candidates
-                )
+                decision = self._decide(selection, candidates)
+                note = decision.reason
+                assignment = dict(enumerate(decision.clients, start=1))
+                weights = dict(decision.weights or {})
+                version = routing_version(server_round, assignment, weights)
+                version, waits = self._apply(assignment, weights, version, candidates)
+                self._hysteresis.commit(decision.clients, decision.weights)
             except ArmError as exc:
+                self.metrics.failed("routing")
                 assignment, version = self._last_good(server_round, exc)
-                waits = []
+                weights, waits, note = {}, [], str(exc)
             self._slots[server_round] = assignment
             record = RoundRecord(
                 server_round=server_round,
@@ -128,17 +167,26 @@ class Controller:
                 scores=dict(selection.scores),
                 reasons=dict(selection.reasons),
                 telemetry=dict(telemetry),
+                weights=weights,
+                routing_note=note,
             )
             self.records.append(record)
+            self.metrics.round_armed(record, self.clients)
         log.info(
-            "round %d: routed %s (policy %s, routing version %s, %.0f ms)",
+            "round %d: routed %s (policy %s, %s, routing version %s, %.0f ms)",
             server_round,
             ", ".join(record.selected),
             self.policy.name,
+            record.routing_note or "no note",
             version,
             record.apply_s * 1000,
         )
-        return ArmedRound(server_round, tuple(assignment), version)
+        slot_config = {
+            slot: dict(selection.client_config[client])
+            for slot, client in assignment.items()
+            if client in selection.client_config
+        }
+        return ArmedRound(server_round, tuple(assignment), version, slot_config)
 
     def _last_good(
         self, server_round: int, error: ArmError
@@ -155,10 +203,30 @@ class Controller:
         )
         return dict(self._slots[last.server_round]), last.routing_version
 
+    def _decide(self, selection: Selection, ready: Collection[str]) -> Decision:
+        """The policy's choice after hysteresis, with weights in weighted mode."""
+        weights = None
+        if self.mode == "weighted":
+            scores = {c: selection.scores.get(c, math.nan) for c in selection.clients}
+            try:
+                weights = render.weights_for_clients(scores)
+            except RoutingError as exc:
+                raise ArmError(f"{exc}; the last good routes stay in place") from exc
+        return self._hysteresis.decide(
+            selection.clients, selection.scores, ready=ready, weights=weights
+        )
+
     def record_feedback(
         self, server_round: int, outcomes: Sequence[SlotOutcome]
     ) -> list[ClientFeedback]:
         """Put each slot's outcome under the name of the client behind the slot."""
+        if self.mode == "weighted":
+            log.warning(
+                "round %d: weighted routes pick a client per request; feedback "
+                "cannot be put under a client's name and is ignored",
+                server_round,
+            )
+            return []
         with self._lock:
             assignment = self._slots.get(server_round, {})
             feedback = []
@@ -180,15 +248,76 @@ class Controller:
         """The slot-to-client map of an armed round."""
         return dict(self._slots.get(server_round, {}))
 
-    def _read_telemetry(self) -> Mapping[str, ClientTelemetry]:
+    def _read_telemetry(self) -> Mapping[str, ClientTelemetry] | None:
+        """The window's telemetry, or None while the source fails or backs off."""
+        now = self._clock()
+        if now < self._telemetry_retry_at:
+            wait_s = self._telemetry_retry_at - now
+            log.info("telemetry: next try in %.0f s (back-off)", wait_s)
+            return None
         try:
-            return self._telemetry.read(self._window_s)
+            telemetry = self._telemetry.read(self._window_s)
         except Exception as exc:  # any source failure: decide without telemetry
-            log.warning("telemetry unavailable (%s); choosing without it", exc)
-            return {}
+            self._telemetry_failed(exc, now)
+            return None
+        if self._telemetry_failures:
+            log.info(
+                "telemetry recovered after %d failures in a row",
+                self._telemetry_failures,
+            )
+        self._telemetry_failures = 0
+        self._telemetry_retry_at = -math.inf
+        return telemetry
+
+    def _telemetry_failed(self, error: Exception, now: float) -> None:
+        """Count a failure and back off: the delay doubles up to its longest."""
+        self.metrics.failed("telemetry")
+        self._telemetry_failures += 1
+        first_s, longest_s = self._retry_s
+        delay_s = min(first_s * 2 ** (self._telemetry_failures - 1), longest_s)
+        self._telemetry_retry_at = now + delay_s
+        then = "keeping the last good routes" if self.records else "choosing without it"
+        log.warning(
+            "telemetry unavailable (%s); %s; retrying in %.0f s (%d failed in a row)",
+            error,
+            then,
+            delay_s,
+            self._telemetry_failures,
+        )
+
+    def _last_routes_ready(self, ready: Collection[str]) -> bool:
+        """True when a round was armed and every client it routes is still ready."""
+        return bool(self.records) and set(self.records[-1].selected) <= set(ready)
+
+    def _keep_last_routes(self, server_round: int, started: float) -> ArmedRound:
+        """Arm the round on the live routes: without telemetry, nothing is chosen."""
+        last = self.records[-1]
+        assignment = dict(self._slots[last.server_round])
+        self._slots[server_round] = assignment
+        record = dataclasses.replace(
+            last,
+            server_round=server_round,
+            apply_s=time.monotonic() - started,
+            served_waits_s=(),
+            telemetry={},
+            routing_note="no telemetry: the last good routes stay in place",
+        )
+        self.records.append(record)
+        self.metrics.round_armed(record, self.clients)
+        log.warning(
+            "round %d: no telemetry; the round runs on routing version %s (%s)",
+            server_round,
+            last.routing_version,
+            ", ".join(record.selected),
+        )
+        return ArmedRound(server_round, tuple(assignment), last.routing_version)
 
     def _apply(
-        self, assignment: Mapping[int, str], version: str, ready: Collection[str]
+        self,
+        assignment: Mapping[int, str],
+        weights: Mapping[str, int],
+        version: str,
+        ready: Collection[str],
     ) -> tuple[str, list[float]]:
         """Route the assignment; the version that serves it and each step's wait.
 
@@ -197,13 +326,18 @@ class Controller:
         """
         try:
             live_vs, live_dr = self._backend.read()
-            desired_vs, desired_dr = render.render_exact(
-                assignment,
-                routing_version=version,
-                live_vs=live_vs,
-                live_dr=live_dr,
-                namespace=self._namespace,
-            )
+            _report_invalid(live_vs, live_dr)
+            options = {
+                "routing_version": version,
+                "live_vs": live_vs,
+                "live_dr": live_dr,
+                "namespace": self._namespace,
+                "budget_bytes": self._budget_bytes,
+            }
+            if self.mode == "weighted":
+                desired_vs, desired_dr = render.render_weighted(weights, **options)
+            else:
+                desired_vs, desired_dr = render.render_exact(assignment, **options)
             steps = plan.plan_transition(
                 live_vs, live_dr, desired_vs, desired_dr, ready_subsets=set(ready)
             )
@@ -219,8 +353,26 @@ class Controller:
         return version, waits
 
 
-def routing_version(server_round: int, assignment: Mapping[int, str]) -> str:
-    """A short version that names the round and the slot map it routes."""
+def _report_invalid(live_vs: dict | None, live_dr: dict | None) -> None:
+    """Say what is wrong with the live objects; rendering then refuses user errors.
+
+    meshctl replaces its own routes and subsets whole, so a broken owned route
+    is rewritten; a broken user route (several destinations and no weights,
+    say) is never read as anything and makes the round keep the last routes.
+    """
+    live = [obj for obj in (live_vs, live_dr) if obj is not None]
+    for problem in validate.validate_objects(live, source="live"):
+        log.warning("invalid live routing object: %s", problem)
+
+
+def routing_version(
+    server_round: int,
+    assignment: Mapping[int, str],
+    weights: Mapping[str, int] | None = None,
+) -> str:
+    """A short version that names the round and the slot map (or weights) it routes."""
     text = ",".join(f"{slot}={client}" for slot, client in sorted(assignment.items()))
+    if weights:
+        text += ";" + ",".join(f"{c}={w}" for c, w in sorted(weights.items()))
     digest = hashlib.sha256(text.encode()).hexdigest()[:8]
     return f"r{server_round}-{digest}"

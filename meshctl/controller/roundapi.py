@@ -1,10 +1,13 @@
 """The round API: how an FL server asks the controller to arm a round.
 
 ``POST /v1/rounds/arm`` with ``{"server_round": r, "per_round": k}`` answers
-``{"server_round": r, "slots": [1, ...], "routing_version": "..."}`` once the
-routes for the round are served.  ``POST /v1/rounds/feedback`` with
+``{"server_round": r, "slots": [1, ...], "routing_version": "...",
+"slot_config": {"1": {"local-steps-factor": 1.5}}}`` once the routes for the
+round are served (``slot_config`` holds the per-slot training settings the
+policy asked for, often none).  ``POST /v1/rounds/feedback`` with
 ``{"server_round": r, "outcomes": [{"slot": 1, "status": "ok", ...}]}`` hands
-the controller the round's per-slot outcomes.  ``GET /healthz`` answers 200.
+the controller the round's per-slot outcomes.  ``GET /healthz`` answers 200;
+``GET /metrics`` serves the controller's own metrics to Prometheus.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 
+from meshctl.controller import metrics
 from meshctl.controller.cycle import ArmError, Controller
 from meshctl.types import ArmedRound, SlotOutcome
 
@@ -25,6 +29,7 @@ log = logging.getLogger("meshctl.roundapi")
 
 ARM_PATH = "/v1/rounds/arm"
 FEEDBACK_PATH = "/v1/rounds/feedback"
+METRICS_PATH = "/metrics"
 MAX_BODY_BYTES = 1024 * 1024
 
 
@@ -88,6 +93,7 @@ class RoundAPIServer:
             "server_round": armed.server_round,
             "slots": list(armed.slots),
             "routing_version": armed.routing_version,
+            "slot_config": {str(k): dict(v) for k, v in armed.slot_config.items()},
         }
 
     def _feedback(self, body: dict) -> dict:
@@ -100,11 +106,20 @@ class RoundAPIServer:
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         routes = {ARM_PATH: self._arm, FEEDBACK_PATH: self._feedback}
+        controller = self._controller
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
             def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+                if self.path == METRICS_PATH:
+                    body = controller.metrics.exposition()
+                    self.send_response(HTTPStatus.OK)
+                    self.send_header("content-type", metrics.CONTENT_TYPE)
+                    self.send_header("content-length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
                 status = (
                     HTTPStatus.OK if self.path == "/healthz" else HTTPStatus.NOT_FOUND
                 )
@@ -164,6 +179,7 @@ class RoundAPIClient:
             server_round=body["server_round"],
             slots=tuple(body["slots"]),
             routing_version=body["routing_version"],
+            slot_config={int(k): v for k, v in (body.get("slot_config") or {}).items()},
         )
 
     def report(self, server_round: int, outcomes: list[SlotOutcome]) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import math
 import os
 import signal
 import threading
@@ -24,6 +25,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from flwr.app import Context, RecordDict
 from flwr.clientapp import ClientApp
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Gauge,
+    generate_latest,
+)
 
 from meshctl import protocol
 from meshctl.flower import internals
@@ -31,6 +38,49 @@ from meshctl.flower import internals
 log = logging.getLogger("meshctl.clientservice")
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+METRICS_PATH = "/metrics"
+
+
+class FLMetrics:
+    """The FL metrics a client service exports on ``/metrics`` for Prometheus.
+
+    Each gauge holds the value of the last training reply: the loss and the
+    examples it reports, and the seconds the ``ClientApp`` took to train.
+    """
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.train_loss = Gauge(
+            "meshctl_fl_train_loss",
+            "Training loss in the client's last train reply.",
+            registry=self.registry,
+        )
+        self.train_examples = Gauge(
+            "meshctl_fl_train_examples",
+            "Examples the client trained on in its last train reply.",
+            registry=self.registry,
+        )
+        self.local_train_seconds = Gauge(
+            "meshctl_fl_local_train_seconds",
+            "Seconds the ClientApp took for the last train message.",
+            registry=self.registry,
+        )
+        # Before the first train reply there is no value: NaN, never a number.
+        for gauge in (self.train_loss, self.train_examples, self.local_train_seconds):
+            gauge.set(math.nan)
+
+    def train_replied(self, reply_metrics: Mapping[str, object], seconds: float):
+        """Record one train reply's metrics and how long training took."""
+        loss = reply_metrics.get(protocol.TRAIN_LOSS_METRIC)
+        examples = reply_metrics.get(protocol.NUM_EXAMPLES_METRIC)
+        if isinstance(loss, int | float):
+            self.train_loss.set(loss)
+        if isinstance(examples, int | float):
+            self.train_examples.set(examples)
+        self.local_train_seconds.set(seconds)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
 
 
 class ClientAppError(RuntimeError):
@@ -46,6 +96,21 @@ def load_client_app(spec: str) -> ClientApp:
     if not isinstance(app, ClientApp):
         raise ValueError(f"{spec} is not a flwr.clientapp.ClientApp")
     return app
+
+
+def warm_up(spec: str, service: ClientService) -> float:
+    """Run the app module's ``warm_up(context)`` hook, if it has one; seconds taken.
+
+    A ``ClientApp`` module may define ``warm_up`` to load its data and initialise
+    its framework before the service reports ready, so that the first training
+    request does not pay for it (a late first reply looks like a slow client).
+    """
+    hook = getattr(importlib.import_module(spec.partition(":")[0]), "warm_up", None)
+    if not callable(hook):
+        return 0.0
+    started = time.monotonic()
+    hook(service.context)
+    return time.monotonic() - started
 
 
 def parse_config(text: str) -> dict[str, bool | float | int | str]:
@@ -92,16 +157,28 @@ class ClientService:
             run_config={},
         )
         self._lock = threading.Lock()
+        self.metrics = FLMetrics()
         internals.set_task_identity(run_id=run_id, node_id=node_id)
+
+    @property
+    def context(self) -> Context:
+        """The Flower ``Context`` every message of this client runs in."""
+        return self._context
 
     def handle(self, body: bytes) -> bytes:
         """Decode one message, run the app on it and encode the reply."""
         message = internals.message_from_bytes(body)
         with self._lock:
+            started = time.monotonic()
             try:
                 reply = self._app(message, self._context)
             except Exception as exc:
                 raise ClientAppError(f"{type(exc).__name__}: {exc}") from exc
+            if message.metadata.message_type == "train" and reply.has_content():
+                metrics: dict[str, object] = {}
+                for record in reply.content.metric_records.values():
+                    metrics.update(record)
+                self.metrics.train_replied(metrics, time.monotonic() - started)
         return internals.message_to_bytes(reply)
 
 
@@ -116,6 +193,9 @@ def make_handler(
         def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
             if self.path == protocol.HEALTH_PATH:
                 self._reply(HTTPStatus.OK, b"ok\n", "text/plain")
+            elif self.path == METRICS_PATH:
+                body = service.metrics.exposition()
+                self._reply(HTTPStatus.OK, body, CONTENT_TYPE_LATEST)
             else:
                 self._reply(HTTPStatus.NOT_FOUND, b"not found\n", "text/plain")
 
@@ -195,11 +275,18 @@ def main(argv: list[str] | None = None) -> None:
         node_id=args.node_id,
         node_config=parse_config(args.node_config),
     )
+    warm_s = warm_up(args.app, service)
     server = serve(service, host=args.host, port=args.port)
     signal.signal(
         signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start()
     )
-    log.info("%s listening on %s:%d", args.name, args.host, args.port)
+    log.info(
+        "%s listening on %s:%d (warmed up in %.1fs)",
+        args.name,
+        args.host,
+        args.port,
+        warm_s,
+    )
     try:
         server.serve_forever(poll_interval=0.2)
     finally:

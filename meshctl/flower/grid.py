@@ -22,7 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import httpx
 import numpy as np
-from flwr.app import Error, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Error, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
@@ -163,6 +163,7 @@ class MeshGrid(Grid):
         self, message: Message, started: float
     ) -> tuple[Message, SlotOutcome]:
         slot = message.metadata.dst_node_id
+        message = self._with_slot_config(message)
         remaining_s = max(0.001, self._deadline_s - (time.monotonic() - started))
         headers = {
             "host": protocol.SERVICE_HOST,
@@ -190,6 +191,24 @@ class MeshGrid(Grid):
         except BadReply as exc:
             return self._failed(message, started, "error", ERROR_BAD_REPLY, str(exc))
         return reply, _outcome(self._server_round, message, reply, started)
+
+    def _with_slot_config(self, message: Message) -> Message:
+        """Merge the slot's own training settings into a training message.
+
+        The controller may ask for per-slot settings (a policy that gives fast
+        clients more local steps); they override the strategy's configuration
+        for that slot only.  The arrays are shared, not copied.
+        """
+        slot = message.metadata.dst_node_id
+        overrides = self._armed.slot_config.get(slot) if self._armed else None
+        if not overrides or message.metadata.message_type != MessageType.TRAIN:
+            return message
+        content = RecordDict(dict(message.content.items()))
+        configs = dict(message.content.config_records) or {"config": ConfigRecord()}
+        for key, record in configs.items():
+            content[key] = ConfigRecord({**record, **overrides})
+        message.content = content
+        return message
 
     def _failed(
         self, message: Message, started: float, status: str, code: int, reason: str

@@ -26,13 +26,24 @@ class SelectionInput:
     history: Mapping[str, Sequence[ClientFeedback]] = field(default_factory=dict)
 
 
+ConfigValue = int | float | str | bool
+
+
 @dataclass(frozen=True)
 class Selection:
-    """The chosen clients, in slot order, and each candidate's score."""
+    """The chosen clients, in slot order, and each candidate's score.
+
+    A policy may choose more clients than ``per_round`` (over-commitment): the
+    controller routes one slot per chosen client.  ``client_config`` holds
+    per-client training settings (for example ``{"local-steps-factor": 1.5}``)
+    that the grid merges into the configuration of that client's training
+    messages; a client missing from it trains with the server's settings.
+    """
 
     clients: tuple[str, ...]
     scores: Mapping[str, float] = field(default_factory=dict)
     reasons: Mapping[str, str] = field(default_factory=dict)
+    client_config: Mapping[str, Mapping[str, ConfigValue]] = field(default_factory=dict)
 
 
 class Policy(Protocol):

@@ -1,19 +1,40 @@
 """``mesh``: meshctl's own policy, driven by what the mesh sees of each client.
 
-Each client keeps a running estimate of its latency and error ratio, updated only
-from windows in which the mesh saw it serve requests: a window with no traffic
-leaves the estimate as it was (no data is not zero).  A client's score is
+The mesh measures every request a client serves, the server reports every
+round a client trains.  The policy keeps, per client:
 
-    utility * speed * reliability
+- latency and error ratio as **level and trend** (Holt's linear smoothing),
+  updated only from telemetry windows in which the mesh saw the client serve
+  requests: a window without traffic leaves both as they were (no data is not
+  zero).  The score uses the one-round-ahead forecast, level plus trend, so a
+  client that is getting slower or failing more loses rank before its average
+  says so;
+- outlier ejections: a client that Envoy's outlier detection ejected in the
+  window rests for ``ejection_cooldown_rounds`` rounds;
+- failures the server saw (error or timeout) as a smoothed failure ratio, which
+  also covers what the mesh cannot see (a reply that timed out client-side or
+  failed the update checks);
+- Oort's statistical utility of its last update, ``|B| * |mean loss|``.
 
-- utility: Oort's statistical utility of its last update, examples times the root
-  mean square of the training loss, relative to the best known;
-- speed: 1 for clients at or under the preferred latency (the median of the known
-  ones), ``(preferred / latency) ** alpha`` for slower ones;
-- reliability: ``(1 - error_ratio) ** 2``.
+The score of a measured client is
 
-A share of each round's slots (``exploration``) goes to clients that were never
-measured, so that they can produce data; the rest go to the best scores.
+    utility ** w * speed * reliability * stickiness
+
+- utility: relative to the best known; a client with no update yet gets the
+  median of the known ones, neither rewarded nor punished;
+- speed: 1 up to the preferred latency (the median forecast), then
+  ``(preferred / forecast) ** alpha``;
+- reliability: ``(1 - max(forecast error ratio, failure ratio)) ** 2``;
+- stickiness: ``1 + hysteresis`` for the clients of the last round, so that a
+  near tie does not move routes (the routing layer damps flapping again).
+
+Each round: clients above ``max_error_ratio`` or ejected are filtered out
+(refilled from the least bad ones if too few remain); a share ``exploration``
+of the slots goes to clients never measured; one slot goes to a client idle
+for ``max_idle_rounds`` or more (the participation floor, which is also how a
+client that recovered gets measured again); clients that took part in more
+than ``max_share`` of the last ``share_window_rounds`` rounds rest; the rest
+go to the best scores.
 """
 
 from __future__ import annotations
@@ -21,121 +42,265 @@ from __future__ import annotations
 import math
 import random
 import statistics
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 
+from meshctl.policies import signals
 from meshctl.policies.base import Selection, SelectionInput
-from meshctl.types import ClientState, ClientTelemetry
+from meshctl.types import ClientState, ClientTelemetry, SlotOutcome
+
+
+@dataclass(frozen=True)
+class MeshSettings:
+    """The mesh policy's knobs and their defaults."""
+
+    exploration: float = 0.2
+    smoothing: float = 0.5  # level
+    trend_smoothing: float = 0.3  # trend
+    latency_penalty: float = 2.0  # alpha
+    reliability_exponent: float = 2.0
+    utility_weight: float = 1.0  # w
+    max_error_ratio: float = 0.5
+    exclude_ejected: bool = True
+    ejection_cooldown_rounds: int = 2
+    max_idle_rounds: int | None = 10
+    max_share: float = 1.0
+    share_window_rounds: int = 10
+    hysteresis: float = 0.15
+    deadline_ms: float | None = None
+
+
+@dataclass
+class Smoothed:
+    """Holt's linear smoothing of one signal: a level and a trend per update."""
+
+    level: float | None = None
+    trend: float = 0.0
+
+    def update(self, value: float, alpha: float, beta: float) -> None:
+        if self.level is None:
+            self.level = value
+            return
+        previous = self.level
+        self.level = alpha * value + (1 - alpha) * (self.level + self.trend)
+        self.trend = beta * (self.level - previous) + (1 - beta) * self.trend
+
+    def forecast(self, low: float = 0.0, high: float = math.inf) -> float | None:
+        """Level plus trend, within ``[low, high]``; ``None`` when unmeasured."""
+        if self.level is None:
+            return None
+        return min(high, max(low, self.level + self.trend))
 
 
 @dataclass
 class _Estimate:
-    latency_ms: float | None = None
-    error_ratio: float | None = None
+    latency_ms: Smoothed = field(default_factory=Smoothed)
+    error_ratio: Smoothed = field(default_factory=Smoothed)
+    failure_ratio: float | None = None
     utility: float | None = None
-    last_round: int = 0
+    heard_round: int = 0  # the last round whose feedback is folded in
+    selected_round: int = 0  # the last round the client was chosen for
+    rested_until: int = 0
+    rounds: deque[int] = field(default_factory=lambda: deque(maxlen=64))
+
+    @property
+    def measured(self) -> bool:
+        return (
+            self.latency_ms.level is not None
+            or self.error_ratio.level is not None
+            or self.failure_ratio is not None
+        )
 
 
 class MeshPolicy:
-    """Prefers fast, reliable clients with useful data; explores the unmeasured."""
+    """Prefers fast, reliable, useful clients; explores, rests and probes."""
 
     name = "mesh"
 
-    def __init__(
-        self,
-        *,
-        alpha: float = 2.0,
-        exploration: float = 0.2,
-        smoothing: float = 0.5,
-        deadline_ms: float | None = None,
-    ) -> None:
-        self.alpha = alpha
-        self.exploration = exploration
-        self.smoothing = smoothing
-        self.deadline_ms = deadline_ms
+    def __init__(self, settings: MeshSettings | None = None) -> None:
+        self.settings = settings or MeshSettings()
         self._estimates: dict[str, _Estimate] = {}
+        self._last: tuple[str, ...] = ()
 
     def select(self, given: SelectionInput, rng: random.Random) -> Selection:
-        for client in given.candidates:
-            self._update(client, given)
+        self._observe(given)
         k = min(given.per_round, len(given.candidates))
-        unmeasured = [c for c in given.candidates if self._is_unmeasured(c)]
-        scores = self._scores([c for c in given.candidates if c not in unmeasured])
+        scores = self.scores(
+            [c for c in given.candidates if self._estimates[c].measured]
+        )
+        chosen, reasons = [], {}
 
-        # Exploration first, so that unmeasured clients get a chance every round.
-        explore = min(len(unmeasured), max(1, round(self.exploration * k)))
-        if len(scores) < k - explore:
-            explore = min(len(unmeasured), k - len(scores))
-        chosen = rng.sample(unmeasured, explore)
-        ranked = sorted(scores, key=lambda c: (-scores[c], rng.random()))
-        chosen += ranked[: k - len(chosen)]
-        reasons = {c: "explore: never measured" for c in chosen[:explore]}
+        # Exploration first, so that never-measured clients get a chance.
+        unmeasured = [c for c in given.candidates if c not in scores]
+        explore = min(len(unmeasured), max(1, round(self.settings.exploration * k)))
+        explore = max(explore, min(len(unmeasured), k - len(scores)))
+        for client in rng.sample(unmeasured, explore):
+            chosen.append(client)
+            reasons[client] = "explore: never measured"
+
+        # The participation floor: the longest idle client, if idle long enough.
+        probe = self._idle(given, scores, exclude=chosen)
+        if probe is not None and len(chosen) < k:
+            chosen.append(probe)
+            idle = given.server_round - self._estimates[probe].selected_round
+            reasons[probe] = f"fairness: idle for {idle} rounds"
+
+        # The best scores among the clients that pass the filters.
+        eligible, rested = self._filter(given.server_round, scores)
+        ranked = sorted(eligible, key=lambda c: (-eligible[c], rng.random()))
+        ranked += sorted(rested, key=lambda c: (-rested[c], rng.random()))
+        for client in ranked:
+            if len(chosen) >= k:
+                break
+            if client not in chosen:
+                chosen.append(client)
+                reasons[client] = self._reason(client, scores, rested)
+        self._remember(given.server_round, chosen)
         return Selection(clients=tuple(chosen), scores=scores, reasons=reasons)
 
     # -- estimates ------------------------------------------------------------
 
-    def _update(self, client: str, given: SelectionInput) -> None:
-        estimate = self._estimates.setdefault(client, _Estimate())
-        telemetry = given.telemetry.get(client)
-        if telemetry is not None and telemetry.state is not ClientState.UNOBSERVED:
-            self._update_from_mesh(estimate, telemetry)
-        for feedback in given.history.get(client, ()):
-            outcome = feedback.outcome
-            if outcome.server_round <= estimate.last_round:
-                continue
-            estimate.last_round = outcome.server_round
-            if outcome.status == "timeout" and self.deadline_ms is not None:
-                estimate.latency_ms = self._blend(estimate.latency_ms, self.deadline_ms)
-            if outcome.status == "ok" and outcome.train_loss is not None:
-                loss = outcome.train_loss
-                estimate.utility = outcome.num_examples * math.sqrt(loss * loss)
+    def _observe(self, given: SelectionInput) -> None:
+        for client in set(given.candidates) | set(given.history):
+            estimate = self._estimates.setdefault(client, _Estimate())
+            telemetry = given.telemetry.get(client)
+            if telemetry is not None:
+                self._observe_mesh(given.server_round, estimate, telemetry)
+            for outcome in signals.outcomes_after(
+                given.history, client, estimate.heard_round
+            ):
+                self._observe_outcome(estimate, outcome)
 
-    def _update_from_mesh(
-        self, estimate: _Estimate, telemetry: ClientTelemetry
+    def _observe_mesh(
+        self, server_round: int, estimate: _Estimate, telemetry: ClientTelemetry
     ) -> None:
-        if telemetry.latency_p95_ms is not None and math.isfinite(
-            telemetry.latency_p95_ms
-        ):
-            estimate.latency_ms = self._blend(
-                estimate.latency_ms, telemetry.latency_p95_ms
-            )
-        if telemetry.error_ratio is not None and math.isfinite(telemetry.error_ratio):
-            estimate.error_ratio = self._blend(
-                estimate.error_ratio, telemetry.error_ratio
-            )
+        if telemetry.state is ClientState.UNOBSERVED or telemetry.requests <= 0:
+            return
+        alpha, beta = self.settings.smoothing, self.settings.trend_smoothing
+        if _finite(telemetry.latency_p95_ms):
+            estimate.latency_ms.update(telemetry.latency_p95_ms, alpha, beta)
+        if _finite(telemetry.error_ratio):
+            estimate.error_ratio.update(telemetry.error_ratio, alpha, beta)
+        if self.settings.exclude_ejected and telemetry.ejections:
+            cooldown = self.settings.ejection_cooldown_rounds
+            estimate.rested_until = max(estimate.rested_until, server_round + cooldown)
 
-    def _blend(self, old: float | None, new: float) -> float:
-        if old is None:
-            return new
-        return self.smoothing * new + (1 - self.smoothing) * old
-
-    def _is_unmeasured(self, client: str) -> bool:
-        estimate = self._estimates[client]
-        return estimate.latency_ms is None and estimate.error_ratio is None
+    def _observe_outcome(self, estimate: _Estimate, outcome: SlotOutcome) -> None:
+        estimate.heard_round = max(estimate.heard_round, outcome.server_round)
+        failed = 0.0 if outcome.status == "ok" else 1.0
+        if estimate.failure_ratio is None:
+            estimate.failure_ratio = failed
+        else:
+            alpha = self.settings.smoothing
+            estimate.failure_ratio = (
+                alpha * failed + (1 - alpha) * estimate.failure_ratio
+            )
+        if outcome.status == "timeout":
+            # A late client took at least as long as the server waited for it,
+            # and at least the configured deadline.
+            waited_ms = max(outcome.duration_s * 1000, self.settings.deadline_ms or 0)
+            estimate.latency_ms.update(
+                waited_ms, self.settings.smoothing, self.settings.trend_smoothing
+            )
+        utility = signals.statistical_utility(outcome)
+        if utility is not None:
+            estimate.utility = utility
 
     # -- scores ---------------------------------------------------------------
 
-    def _scores(self, clients: list[str]) -> dict[str, float]:
+    def scores(self, clients: list[str]) -> dict[str, float]:
+        """The score of each measured client; see the module's docstring."""
         estimates = {c: self._estimates[c] for c in clients}
-        latencies = [e.latency_ms for e in estimates.values() if e.latency_ms]
+        latencies = [
+            e.latency_ms.forecast() for e in estimates.values() if e.latency_ms.level
+        ]
         preferred_ms = statistics.median(latencies) if latencies else None
         utilities = [e.utility for e in estimates.values() if e.utility]
-        best_utility = max(utilities) if utilities else None
+        best = max(utilities) if utilities else None
+        unknown = statistics.median([u / best for u in utilities]) if best else 1.0
         return {
-            client: self._score(estimate, preferred_ms, best_utility)
+            client: self._score(client, estimate, preferred_ms, best, unknown)
             for client, estimate in estimates.items()
         }
 
     def _score(
         self,
+        client: str,
         estimate: _Estimate,
         preferred_ms: float | None,
         best_utility: float | None,
+        unknown_utility: float,
     ) -> float:
-        utility = 1.0
+        utility = unknown_utility
         if best_utility and estimate.utility is not None:
             utility = estimate.utility / best_utility
         speed = 1.0
-        if preferred_ms and estimate.latency_ms and estimate.latency_ms > preferred_ms:
-            speed = (preferred_ms / estimate.latency_ms) ** self.alpha
-        reliability = (1.0 - (estimate.error_ratio or 0.0)) ** 2
-        return utility * speed * reliability
+        latency_ms = estimate.latency_ms.forecast(low=1e-3)
+        if preferred_ms and latency_ms and latency_ms > preferred_ms:
+            speed = (preferred_ms / latency_ms) ** self.settings.latency_penalty
+        reliability = (1.0 - self._unreliability(estimate)) ** (
+            self.settings.reliability_exponent
+        )
+        sticky = 1.0 + self.settings.hysteresis if client in self._last else 1.0
+        return utility**self.settings.utility_weight * speed * reliability * sticky
+
+    @staticmethod
+    def _unreliability(estimate: _Estimate) -> float:
+        error = estimate.error_ratio.forecast(high=1.0) or 0.0
+        return min(1.0, max(error, estimate.failure_ratio or 0.0))
+
+    # -- filters and fairness -------------------------------------------------
+
+    def _filter(
+        self, server_round: int, scores: dict[str, float]
+    ) -> tuple[dict[str, float], dict[str, float]]:
+        """Split the scored clients into eligible and rested ones."""
+        eligible, rested = {}, {}
+        for client, score in scores.items():
+            estimate = self._estimates[client]
+            if (
+                estimate.rested_until >= server_round
+                or self._unreliability(estimate) > self.settings.max_error_ratio
+                or self._share(server_round, estimate) > self.settings.max_share
+            ):
+                rested[client] = score
+            else:
+                eligible[client] = score
+        return eligible, rested
+
+    def _share(self, server_round: int, estimate: _Estimate) -> float:
+        window = self.settings.share_window_rounds
+        recent = [r for r in estimate.rounds if r > server_round - 1 - window]
+        return len(recent) / window
+
+    def _idle(
+        self, given: SelectionInput, scores: dict[str, float], exclude: list[str]
+    ) -> str | None:
+        limit = self.settings.max_idle_rounds
+        if limit is None:
+            return None
+        idle = {
+            c: given.server_round - self._estimates[c].selected_round
+            for c in scores
+            if c not in exclude and self._estimates[c].rested_until < given.server_round
+        }
+        overdue = [c for c, rounds in idle.items() if rounds > limit]
+        return max(overdue, key=lambda c: (idle[c], scores[c]), default=None)
+
+    def _reason(
+        self, client: str, scores: dict[str, float], rested: dict[str, float]
+    ) -> str:
+        if client in rested:
+            return f"score {scores[client]:.3f} (filtered, but too few others)"
+        return f"score {scores[client]:.3f}"
+
+    def _remember(self, server_round: int, chosen: list[str]) -> None:
+        for client in chosen:
+            estimate = self._estimates[client]
+            estimate.rounds.append(server_round)
+            estimate.selected_round = server_round
+        self._last = tuple(chosen)
+
+
+def _finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)

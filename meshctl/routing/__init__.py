@@ -1,11 +1,13 @@
 """Routing: render, validate and plan the VirtualService and DestinationRule."""
 
 from meshctl.routing.errors import RoutingError
+from meshctl.routing.hysteresis import Hysteresis
 from meshctl.routing.plan import Step, plan_transition
 from meshctl.routing.render import (
     check_size,
     render_exact,
     render_weighted,
+    weights_for_clients,
     weights_from_scores,
 )
 from meshctl.routing.validate import (
@@ -16,6 +18,7 @@ from meshctl.routing.validate import (
 )
 
 __all__ = [
+    "Hysteresis",
     "Problem",
     "RoutingError",
     "Step",
@@ -26,5 +29,6 @@ __all__ = [
     "render_exact",
     "render_weighted",
     "validate_objects",
+    "weights_for_clients",
     "weights_from_scores",
 ]

@@ -137,6 +137,37 @@ def weights_from_scores(
     return _largest_remainder(scores, score_sum, total)
 
 
+def weights_for_clients(
+    scores: Mapping[str, float], total: int = 100
+) -> dict[str, int]:
+    """Route weights for the chosen clients from the policy's raw scores.
+
+    No data is not zero: a client whose score is missing or not finite (NaN for
+    "unobserved") gets the mean of the positive finite scores, so it is neither
+    rewarded nor punished.  Clients scoring 0 get weight 0.  When no client has
+    a positive finite score there is nothing to split by, and ``RoutingError``
+    names every score: the caller keeps the live routes.
+    """
+    finite = {
+        c: float(s)
+        for c, s in scores.items()
+        if isinstance(s, int | float) and not isinstance(s, bool) and math.isfinite(s)
+    }
+    positive = [s for s in finite.values() if s > 0]
+    if not positive:
+        listed = ", ".join(f"{c}: {scores[c]!r}" for c in sorted(scores)) or "none"
+        raise RoutingError(
+            "weights: no client has a positive, finite score "
+            f"({listed}); a route whose weights sum to 0 is never written"
+        )
+    if any(s < 0 for s in finite.values()):
+        bad = sorted(c for c, s in finite.items() if s < 0)
+        raise RoutingError(f"weights: negative score for client(s) {', '.join(bad)}")
+    neutral = math.fsum(positive) / len(positive)
+    filled = {c: finite.get(c, neutral) for c in scores}
+    return weights_from_scores(filled, total)
+
+
 def _largest_remainder(
     scores: Mapping[str, float], score_sum: float, total: int
 ) -> dict[str, int]:
@@ -278,9 +309,43 @@ def _render(
     wanted = [*clients, *(_check_client(c) for c in extra_subsets)]
     vs = _merge_vs(routes, live_vs, place)
     dr = _merge_dr(wanted, vs, live_dr, place)
+    _check_valid(vs, dr, live_vs, live_dr)
     check_size(vs, place.budget_bytes)
     check_size(dr, place.budget_bytes)
     return vs, dr
+
+
+def _check_valid(
+    vs: dict, dr: dict, live_vs: dict | None, live_dr: dict | None
+) -> None:
+    """The renderer writes nothing invalid, not even what the user left invalid.
+
+    A problem the live objects already had (a user route with several
+    destinations and no weights, say) is carried over by the merge; it is
+    refused too, and the message says it comes from the live object, so the
+    user fixes it instead of meshctl reading it some way of its own.
+    """
+    problems = validate.validate_objects([vs, dr], source="render")
+    if not problems:
+        return
+    live = [obj for obj in (live_vs, live_dr) if obj is not None]
+    inherited = {
+        (p.object, p.path, p.message)
+        for p in validate.validate_objects(live, source="render")
+    }
+    lines = [
+        f"{p.object}: {p.path or '(object)'}: {p.message}"
+        + (
+            " (already in the live object)"
+            if (p.object, p.path, p.message) in inherited
+            else ""
+        )
+        for p in problems
+    ]
+    raise RoutingError(
+        "refusing to render invalid routes; the live routes stay:\n  "
+        + "\n  ".join(lines)
+    )
 
 
 def _base_object(live: dict | None, kind: str, place: _Placement) -> dict:

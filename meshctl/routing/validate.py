@@ -13,13 +13,17 @@ first:
   subset a route references defined by the DestinationRule for that host when
   that DestinationRule is in the same batch;
 - the CRD's ``openAPIV3Schema``, converted to JSON Schema by
-  :func:`load_crd_schemas` and checked with ``jsonschema``.  The CEL rules
-  (``x-kubernetes-validations``) are not evaluated; the rules above cover the
-  ones meshctl's own output could break.
+  :func:`load_crd_schemas` and checked with ``jsonschema``, including its CEL
+  rules (``x-kubernetes-validations``), which ``cel-python`` evaluates on the
+  field they sit on, as the API server does on create.  A rule the library
+  cannot compile is skipped, and a warning says so once per rule; transition
+  rules (those reading ``oldSelf``) only apply to updates and are not run.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -32,6 +36,8 @@ import yaml
 from meshctl import protocol
 from meshctl.routing.errors import RoutingError
 
+log = logging.getLogger(__name__)
+
 VIRTUAL_SERVICE = "VirtualService"
 DESTINATION_RULE = "DestinationRule"
 MAX_REGEX_CHARS = 1024
@@ -41,6 +47,7 @@ _DNS1123_SUBDOMAIN = re.compile(
 )
 _MESSAGE_CHARS = 200
 _TERMINAL_ACTIONS = ("route", "redirect", "directResponse", "delegate")
+_CEL_KEYWORD = "x-kubernetes-validations"
 
 SchemaKey = tuple[str, str, str]
 
@@ -75,6 +82,10 @@ def load_yaml_documents(path: str | Path) -> list[dict]:
         docs = list(yaml.load_all(text, Loader=yaml.CSafeLoader))
     except OSError as err:
         raise RoutingError(f"{path}: cannot read: {err.strerror}") from err
+    except UnicodeDecodeError as err:
+        raise RoutingError(
+            f"{path}: not UTF-8 text (byte {err.start}: {err.reason})"
+        ) from err
     except yaml.YAMLError as err:
         raise RoutingError(_yaml_error_message(path, err)) from err
     return _mappings_only(path, docs)
@@ -122,7 +133,20 @@ def load_crd_schemas(
             raw = version.get("schema", {}).get("openAPIV3Schema", {})
             key = (spec["group"], spec["names"]["kind"], version["name"])
             schemas[key] = _object_schema(raw, key, reject_unknown_fields)
+    for rule in sorted(set(_cel_rules(schemas.values()))):
+        _cel_program(rule)  # compile now: a rule that cannot be is reported once
     return schemas
+
+
+def _cel_rules(nodes: Iterable[Any]) -> Iterator[str]:
+    """Every CEL rule text in converted schemas."""
+    for node in nodes:
+        if isinstance(node, dict):
+            for rule in node.get(_CEL_KEYWORD, ()):
+                yield str(rule.get("rule", ""))
+            yield from _cel_rules(node.values())
+        elif isinstance(node, list):
+            yield from _cel_rules(node)
 
 
 def _object_schema(raw: dict, key: SchemaKey, strict: bool) -> dict:
@@ -184,6 +208,9 @@ def _convert(node: Any, strict: bool) -> Any:
         _allow_null(out)
     if strict and _is_closed_object(node):
         out["additionalProperties"] = False
+    rules = [r for r in node.get(_CEL_KEYWORD) or [] if isinstance(r, dict)]
+    if rules:
+        out[_CEL_KEYWORD] = rules
     return out
 
 
@@ -278,19 +305,23 @@ def validate_objects(
     *,
     source: str = "<memory>",
     schemas: Mapping[SchemaKey, dict] | None = None,
+    context: Iterable[dict] = (),
 ) -> list[Problem]:
     """Every problem found in the objects, in document order.
 
     meshctl's rules always run; the CRD schema check runs when ``schemas``
-    (from :func:`load_crd_schemas`) is given.
+    (from :func:`load_crd_schemas`) is given.  ``context`` holds objects checked
+    elsewhere (another file) that references may point to, such as the
+    DestinationRule whose subsets a VirtualService in ``objs`` routes to.
     """
     objs = list(objs)
+    batch = objs + [o for o in context if isinstance(o, Mapping)]
     problems = []
     for index, obj in enumerate(objs):
         label = (
             object_label(obj, index) if isinstance(obj, Mapping) else f"#{index + 1}"
         )
-        found = _object_problems(obj, objs, schemas)
+        found = _object_problems(obj, batch, schemas)
         problems.extend(Problem(source, label, path, msg) for path, msg in found)
     return problems
 
@@ -503,7 +534,7 @@ def _schema_problems(
     if schema is None:
         yield "apiVersion", f"no CRD schema for {group}/{version} {key[1]}"
         return
-    validator = jsonschema.Draft7Validator(schema)
+    validator = _SchemaValidator(schema)
     for error in sorted(validator.iter_errors(obj), key=_error_sort_key):
         yield _json_path(error.absolute_path), _schema_message(error)
 
@@ -523,6 +554,8 @@ def _json_path(parts: Iterable[Any]) -> str:
 
 def _schema_message(error: jsonschema.ValidationError) -> str:
     """A schema error's message, trimmed so a large instance does not flood logs."""
+    if error.validator == _CEL_KEYWORD:
+        return f"CEL: {error.message}"
     if error.validator == "additionalProperties" and error.validator_value is False:
         known = set(error.schema.get("properties", {}))
         extra = sorted(set(error.instance) - known)
@@ -531,3 +564,71 @@ def _schema_message(error: jsonschema.ValidationError) -> str:
     if len(message) > _MESSAGE_CHARS:
         message = message[: _MESSAGE_CHARS - 3] + "..."
     return f"schema: {message}"
+
+
+# --- CEL rules ---------------------------------------------------------------
+
+
+@functools.cache
+def _cel_program(rule: str) -> Any:
+    """The compiled program of one CEL rule; None when it is not run.
+
+    The reason a rule is not run is logged once: ``cel-python`` missing, a
+    rule it cannot compile, or a transition rule (``oldSelf``).
+    """
+    if "oldSelf" in rule:
+        return None
+    try:
+        import celpy
+    except ImportError:
+        log.warning(
+            "cel-python is not installed: CEL rule %r and the CRDs' other CEL "
+            "rules are not evaluated",
+            rule,
+        )
+        return None
+    try:
+        environment = celpy.Environment()
+        return environment.program(environment.compile(rule))
+    except Exception as err:  # the library's parse and compile errors vary
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        log.warning(
+            "CEL rule %r cannot be compiled by cel-python (%s: %s); it is skipped",
+            rule,
+            type(err).__name__,
+            first_line,
+        )
+        return None
+
+
+def _cel_check(
+    validator: Any, rules: list[dict], instance: Any, schema: dict
+) -> Iterator[jsonschema.ValidationError]:
+    """The ``x-kubernetes-validations`` keyword: each rule on this field's value."""
+    for rule in rules:
+        text = str(rule.get("rule", ""))
+        program = _cel_program(text)
+        if program is None:
+            continue
+        failure = _cel_failure(program, instance)
+        if failure is not None:
+            message = rule.get("message") or f"failed rule {text}"
+            yield jsonschema.ValidationError(f"{message} (rule {text}{failure})")
+
+
+def _cel_failure(program: Any, instance: Any) -> str | None:
+    """None when the rule holds, else what went wrong ("" for plain false)."""
+    import celpy
+
+    try:
+        result = program.evaluate({"self": celpy.json_to_cel(instance)})
+    except Exception as err:  # an evaluation error fails the rule, as in Kubernetes
+        return f"; cannot be evaluated: {type(err).__name__}"
+    if isinstance(result, celpy.CELEvalError):
+        return "; cannot be evaluated"
+    return None if bool(result) else ""
+
+
+_SchemaValidator = jsonschema.validators.extend(
+    jsonschema.Draft7Validator, {_CEL_KEYWORD: _cel_check}
+)

@@ -1,0 +1,587 @@
+"""Per-client telemetry from Istio's standard metrics in Prometheus.
+
+:class:`PrometheusSource` answers the controller's ``read(window_s)`` with a fixed
+set of PromQL queries, whatever the number of clients: each query groups by the
+label that names a client's pod (``pod`` by default, as a PodMonitor writes it).
+
+- ``reporter="destination"`` series, which the client's own sidecar reports, give
+  the request rate, the error ratio (5xx and code 0) and the latency quantiles of
+  ``istio_request_duration_milliseconds``;
+- ``reporter="source"`` series, which the FL server's sidecar reports, give the
+  failures the mesh made before a request reached a pod (code 0, or 503 and 504
+  with a response flag such as UH, NR, UF, UO, URX or UT).  Istio's standard
+  labels do not name the destination pod on the source side: such failures are
+  attributed by ``mesh_failure_label`` (``destination_pod``), a label that a
+  Telemetry tag override, or the local mesh's relabelling, adds;
+- the FL metrics each client service exports (training loss, examples, local
+  training seconds) come from the service's own scrape.
+
+No data is never a number.  Prometheus sends values as strings; ``"NaN"`` and
+``"+Inf"`` are parsed on purpose and no value that is not finite leaves this
+module.  A client without traffic in the window is UNOBSERVED; a client with
+traffic and no 5xx series has an error ratio of 0; a client whose error ratio is
+``NaN`` is UNOBSERVED, since nothing sure can be said of it.
+
+Every call has an explicit timeout, on the HTTP request and as the query's own
+``timeout`` parameter, and is tried once: the controller owns the back-off.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal, TypedDict
+
+import requests
+import yaml
+from prometheus_api_client import PrometheusApiClientException, PrometheusConnect
+from urllib3 import exceptions as urllib3_errors
+from urllib3.util.retry import Retry
+
+from meshctl import protocol
+from meshctl.telemetry.envoystats import DEFAULT_FAILING_RATIO
+from meshctl.types import ClientState, ClientTelemetry
+
+log = logging.getLogger("meshctl.telemetry.prometheus")
+
+DEFAULT_POD_LABEL = "pod"
+DEFAULT_NAMESPACE_LABEL = "namespace"
+DEFAULT_MESH_FAILURE_LABEL = "destination_pod"
+DEFAULT_TIMEOUT_S = 5.0
+MIN_SCRAPE_INTERVALS = 4
+# Prometheus' own default when a config names no scrape interval.
+DEFAULT_SCRAPE_INTERVAL_S = 60.0
+
+# Response flags of requests the mesh failed before (or instead of) a pod answering.
+MESH_FAILURE_FLAGS = ("NR", "UH", "UF", "UO", "URX", "UT", "UC", "DC")
+
+# The FL metrics a client service exports (meshctl.flower.clientservice).
+FL_TRAIN_LOSS = "meshctl_fl_train_loss"
+FL_TRAIN_EXAMPLES = "meshctl_fl_train_examples"
+FL_LOCAL_TRAIN_SECONDS = "meshctl_fl_local_train_seconds"
+
+ShortWindow = Literal["widen", "refuse"]
+
+
+class PrometheusError(RuntimeError):
+    """Prometheus could not answer a query; the controller keeps its last routes.
+
+    ``kind`` says what happened: ``unreachable``, ``timeout``, ``bad_query`` (400),
+    ``unprocessable`` (422), ``unavailable`` (503), ``http`` (another status) or
+    ``bad_response``.  ``temporary`` is True when trying again later may help.
+    """
+
+    def __init__(self, message: str, *, kind: str, status: int | None = None):
+        super().__init__(message)
+        self.kind = kind
+        self.status = status
+
+    @property
+    def temporary(self) -> bool:
+        return self.kind in ("unreachable", "timeout", "unavailable", "http")
+
+
+class WindowTooShort(PrometheusError, ValueError):
+    """The window holds fewer than four scrape intervals and widening is off."""
+
+    def __init__(self, message: str):
+        super().__init__(message, kind="window")
+
+
+class VectorSample(TypedDict):
+    """One element of an instant vector, as Prometheus' HTTP API sends it."""
+
+    metric: dict[str, str]
+    value: list  # [unix seconds as a number, value as a string]
+
+
+@dataclass(frozen=True)
+class PrometheusTelemetry(ClientTelemetry):
+    """A client's telemetry with what only Prometheus knows of it."""
+
+    mesh_failures_per_s: float | None = None
+    train_loss: float | None = None
+    train_examples: float | None = None
+    local_train_s: float | None = None
+
+
+# --------------------------------------------------------------------- values
+
+
+def parse_value(text: object) -> float:
+    """A sample value as Prometheus writes it: a decimal, ``NaN``, ``+Inf``, ``-Inf``.
+
+    Raises :class:`PrometheusError` for anything else, so a malformed answer is
+    never mistaken for data.
+    """
+    if not isinstance(text, str):
+        raise PrometheusError(
+            f"sample value {text!r} is not a string", kind="bad_response"
+        )
+    if text in ("NaN", "+Inf", "-Inf", "Inf"):
+        return float(text)
+    try:
+        return float(text)
+    except ValueError as exc:
+        raise PrometheusError(
+            f"sample value {text!r} is not a number", kind="bad_response"
+        ) from exc
+
+
+def finite(value: float | None) -> float | None:
+    """``value`` when it is a finite number, else None: no data is never a number."""
+    if value is None or not math.isfinite(value):
+        return None
+    return value
+
+
+def parse_duration_s(text: str) -> float:
+    """Seconds in a Prometheus duration such as ``15s``, ``1m30s`` or ``100ms``."""
+    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w|y)", text.strip())
+    if not parts or "".join(n + u for n, u in parts) != text.strip():
+        raise ValueError(f"{text!r} is not a Prometheus duration (like 30s, 5m, 1h)")
+    return sum(float(n) * units.get(u, 31536000) for n, u in parts)
+
+
+def format_duration(seconds: float) -> str:
+    """A PromQL range for ``seconds``: whole seconds, or milliseconds if needed."""
+    if float(seconds).is_integer():
+        return f"{int(seconds)}s"
+    return f"{round(seconds * 1000)}ms"
+
+
+def scrape_interval_s(config_yaml: str, jobs: Sequence[str] = ()) -> float:
+    """The longest scrape interval in a Prometheus config (of ``jobs`` if given).
+
+    A job without its own interval uses the global one; a config without any uses
+    Prometheus' default of one minute.
+    """
+    config = yaml.safe_load(config_yaml) or {}
+    default = (config.get("global") or {}).get("scrape_interval")
+    global_s = parse_duration_s(default) if default else DEFAULT_SCRAPE_INTERVAL_S
+    intervals = [
+        parse_duration_s(job["scrape_interval"])
+        if job.get("scrape_interval")
+        else global_s
+        for job in config.get("scrape_configs") or []
+        if not jobs or job.get("job_name") in jobs
+    ]
+    return max(intervals, default=global_s)
+
+
+def effective_window_s(
+    window_s: float, interval_s: float, on_short: ShortWindow = "widen"
+) -> float:
+    """The window to query: at least four scrape intervals, or an error.
+
+    ``rate()`` needs two samples in its range; with fewer than four intervals a
+    missed scrape leaves a client with no data.
+    """
+    minimum = MIN_SCRAPE_INTERVALS * interval_s
+    if window_s >= minimum:
+        return window_s
+    if on_short == "refuse":
+        raise WindowTooShort(
+            f"window {window_s:g}s is shorter than {MIN_SCRAPE_INTERVALS} scrape "
+            f"intervals of {interval_s:g}s; use a window of at least {minimum:g}s"
+        )
+    log.warning(
+        "window %gs is shorter than %d scrape intervals of %gs; querying %gs instead",
+        window_s,
+        MIN_SCRAPE_INTERVALS,
+        interval_s,
+        minimum,
+    )
+    return minimum
+
+
+# -------------------------------------------------------------------- queries
+
+
+@dataclass(frozen=True)
+class QuerySet:
+    """The PromQL of one cycle, for one service, namespace and window.
+
+    The same expressions, with the window as ``$__rate_interval``-free text, are
+    what the recording rules and the dashboards use.
+    """
+
+    service: str = protocol.SERVICE_HOST
+    namespace: str = "fl"
+    pod_label: str = DEFAULT_POD_LABEL
+    namespace_label: str = DEFAULT_NAMESPACE_LABEL
+    mesh_failure_label: str = DEFAULT_MESH_FAILURE_LABEL
+
+    def _istio(self, reporter: str, extra: str = "") -> str:
+        selector = (
+            f'reporter="{reporter}", destination_service_name="{self.service}", '
+            f'destination_service_namespace="{self.namespace}"'
+        )
+        return selector + (f", {extra}" if extra else "")
+
+    def requests_per_s(self, window: str) -> str:
+        return (
+            f"sum by ({self.pod_label}) "
+            f"(rate(istio_requests_total{{{self._istio('destination')}}}[{window}]))"
+        )
+
+    def error_ratio(self, window: str) -> str:
+        # A pod with traffic and no 5xx series at all has no error series: the
+        # "or ... * 0" branch gives it 0, so only a pod with no traffic is NaN.
+        errors = self._istio("destination", 'response_code=~"5..|0"')
+        total = f"rate(istio_requests_total{{{self._istio('destination')}}}[{window}])"
+        by = f"sum by ({self.pod_label})"
+        return (
+            f"({by} (rate(istio_requests_total{{{errors}}}[{window}])) "
+            f"or {by} ({total}) * 0) / {by} ({total})"
+        )
+
+    def latency_ms(self, quantile: float, window: str) -> str:
+        bucket = "istio_request_duration_milliseconds_bucket"
+        return (
+            f"histogram_quantile({quantile}, sum by ({self.pod_label}, le) "
+            f"(rate({bucket}{{{self._istio('destination')}}}[{window}])))"
+        )
+
+    def mesh_failures_per_s(self, window: str) -> str:
+        flags = "|".join(MESH_FAILURE_FLAGS)
+        flagged = self._istio(
+            "source", f'response_code=~"503|504", response_flags=~".*({flags}).*"'
+        )
+        no_response = self._istio("source", 'response_code="0"')
+        return (
+            f"sum by ({self.mesh_failure_label}) "
+            f"(rate(istio_requests_total{{{flagged}}}[{window}]) "
+            f"or rate(istio_requests_total{{{no_response}}}[{window}]))"
+        )
+
+    def fl_last(self, metric: str, window: str) -> str:
+        selector = f'{self.namespace_label}="{self.namespace}"'
+        return (
+            f"max by ({self.pod_label}) "
+            f"(last_over_time({metric}{{{selector}}}[{window}]))"
+        )
+
+    def all(self, window: str) -> dict[str, tuple[str, str]]:
+        """Every query of a cycle: name -> (expression, label naming the client)."""
+        pod = self.pod_label
+        return {
+            "requests_per_s": (self.requests_per_s(window), pod),
+            "error_ratio": (self.error_ratio(window), pod),
+            "latency_p50_ms": (self.latency_ms(0.5, window), pod),
+            "latency_p95_ms": (self.latency_ms(0.95, window), pod),
+            "mesh_failures_per_s": (
+                self.mesh_failures_per_s(window),
+                self.mesh_failure_label,
+            ),
+            "train_loss": (self.fl_last(FL_TRAIN_LOSS, window), pod),
+            "train_examples": (self.fl_last(FL_TRAIN_EXAMPLES, window), pod),
+            "local_train_s": (self.fl_last(FL_LOCAL_TRAIN_SECONDS, window), pod),
+        }
+
+
+# ------------------------------------------------------------------ telemetry
+
+
+def client_telemetry(
+    client: str,
+    values: Mapping[str, float],
+    window_s: float,
+    failing_ratio: float = DEFAULT_FAILING_RATIO,
+) -> PrometheusTelemetry:
+    """One client's telemetry from its raw query values (NaN and Inf included).
+
+    UNOBSERVED when the destination saw no traffic or the error ratio is not a
+    number, unless the mesh itself failed requests for it: a pod the mesh cannot
+    reach is FAILING.  Otherwise FAILING when destination errors and mesh failures
+    together reach ``failing_ratio`` of the requests, else OBSERVED.
+    """
+    rate = finite(values.get("requests_per_s"))
+    ratio = finite(values.get("error_ratio"))
+    mesh_failures = finite(values.get("mesh_failures_per_s"))
+    fl = {
+        "train_loss": finite(values.get("train_loss")),
+        "train_examples": finite(values.get("train_examples")),
+        "local_train_s": finite(values.get("local_train_s")),
+    }
+    failing_in_mesh = mesh_failures is not None and mesh_failures > 0
+    if rate is None or rate <= 0 or ratio is None:
+        return PrometheusTelemetry(
+            client=client,
+            state=ClientState.FAILING if failing_in_mesh else ClientState.UNOBSERVED,
+            mesh_failures_per_s=mesh_failures,
+            **fl,
+        )
+
+    failed = ratio * rate + (mesh_failures or 0.0)
+    attempted = rate + (mesh_failures or 0.0)
+    state = (
+        ClientState.FAILING
+        if failed / attempted >= failing_ratio
+        else ClientState.OBSERVED
+    )
+    return PrometheusTelemetry(
+        client=client,
+        state=state,
+        requests=round(rate * window_s),
+        requests_per_s=rate,
+        error_ratio=ratio,
+        latency_p50_ms=finite(values.get("latency_p50_ms")),
+        latency_p95_ms=finite(values.get("latency_p95_ms")),
+        mesh_failures_per_s=mesh_failures,
+        **fl,
+    )
+
+
+# --------------------------------------------------------------------- source
+
+
+class PrometheusSource:
+    """Reads every client's telemetry from Prometheus with a fixed set of queries.
+
+    ``on_short_window`` says what to do with a window shorter than four scrape
+    intervals of the server (read from ``/api/v1/status/config`` on first use):
+    ``widen`` it with a warning, or ``refuse`` it with :class:`WindowTooShort`.
+    ``clock`` gives the evaluation instant of a cycle (unix seconds); every query
+    of a cycle is evaluated at that one instant, so their figures agree.
+    ``fresh_scrape_jobs`` name scrape jobs whose next scrape of every target
+    each read waits for (at most two scrape intervals), so that traffic just
+    before the read is counted: worth it where cycles follow each other within
+    seconds, as in the demo; in a cluster the window is minutes long and no read
+    waits.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        namespace: str = "fl",
+        service: str = protocol.SERVICE_HOST,
+        pod_label: str = DEFAULT_POD_LABEL,
+        namespace_label: str = DEFAULT_NAMESPACE_LABEL,
+        mesh_failure_label: str = DEFAULT_MESH_FAILURE_LABEL,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        failing_ratio: float = DEFAULT_FAILING_RATIO,
+        on_short_window: ShortWindow = "widen",
+        scrape_jobs: Sequence[str] = (),
+        fresh_scrape_jobs: Sequence[str] = (),
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.queries = QuerySet(
+            service=service,
+            namespace=namespace,
+            pod_label=pod_label,
+            namespace_label=namespace_label,
+            mesh_failure_label=mesh_failure_label,
+        )
+        self.timeout_s = timeout_s
+        self.failing_ratio = failing_ratio
+        self.on_short_window = on_short_window
+        self.scrape_jobs = tuple(scrape_jobs)
+        self.fresh_scrape_jobs = tuple(fresh_scrape_jobs)
+        self._clock = clock
+        self._interval_s: float | None = None
+        self._last_response: requests.Response | None = None
+        self._session = requests.Session()
+        self._session.hooks["response"].append(self._remember)
+        # No retries inside a cycle: a retry with back-off would stall the round,
+        # and the controller already retries on its own schedule.
+        self._prom = PrometheusConnect(
+            url=self.url,
+            session=self._session,
+            retry=Retry(total=0, raise_on_status=False),
+            timeout=timeout_s,
+        )
+
+    # -- the TelemetrySource protocol
+
+    def read(self, window_s: float) -> dict[str, PrometheusTelemetry]:
+        """Every client's telemetry over ``window_s`` seconds until now."""
+        window_s = self.window_s(window_s)
+        window = format_duration(window_s)
+        if self.fresh_scrape_jobs:
+            self.wait_for_scrape(self.fresh_scrape_jobs, self._clock())
+        at = self._clock()
+        values: dict[str, dict[str, float]] = {}
+        for name, (query, label) in self.queries.all(window).items():
+            for client, value in self.query(query, label, at, name).items():
+                values.setdefault(client, {})[name] = value
+        return {
+            client: client_telemetry(client, figures, window_s, self.failing_ratio)
+            for client, figures in sorted(values.items())
+        }
+
+    # -- the parts
+
+    def window_s(self, window_s: float) -> float:
+        """``window_s``, widened or refused against the server's scrape interval."""
+        if self._interval_s is None:
+            self._interval_s = self.scrape_interval_s()
+        return effective_window_s(window_s, self._interval_s, self.on_short_window)
+
+    def scrape_interval_s(self) -> float:
+        """The server's longest scrape interval, from ``/api/v1/status/config``."""
+        url = f"{self.url}/api/v1/status/config"
+        try:
+            response = self._session.get(url, timeout=self.timeout_s)
+        except requests.RequestException as exc:
+            raise _transport_error(self.url, "reading its config", exc) from exc
+        if response.status_code != 200:
+            raise _status_error(self.url, "reading its config", response)
+        try:
+            config_yaml = response.json()["data"]["yaml"]
+            return scrape_interval_s(config_yaml, self.scrape_jobs)
+        except (ValueError, KeyError, TypeError, yaml.YAMLError) as exc:
+            raise PrometheusError(
+                f"Prometheus at {self.url} sent a config meshctl cannot read: {exc}",
+                kind="bad_response",
+            ) from exc
+
+    def last_scrape_s(self, jobs: Sequence[str]) -> float | None:
+        """When the least recent of the last scrapes of ``jobs``' targets started
+        (unix seconds), or None when Prometheus has not scraped them."""
+        # A PromQL string takes no regex escapes such as "\-": match names whole.
+        names = "|".join(jobs)
+        query = f'min(timestamp(up{{job=~"{names}"}}))'
+        result = self._custom_query(query, self._clock(), "last scrape")
+        try:
+            return parse_value(result[0]["value"][1]) if result else None
+        except (KeyError, IndexError, TypeError) as exc:
+            raise PrometheusError(
+                f"Prometheus at {self.url} answered {str(result)[:200]} to the "
+                "last scrape query",
+                kind="bad_response",
+            ) from exc
+
+    def wait_for_scrape(self, jobs: Sequence[str], after_s: float) -> bool:
+        """Wait until every target of ``jobs`` was scraped at ``after_s`` or later.
+
+        Gives up after two scrape intervals with a warning (the read then uses
+        what Prometheus has); True when such a scrape landed.
+        """
+        interval_s = self._interval_s or self.scrape_interval_s()
+        deadline = time.monotonic() + 2 * interval_s + self.timeout_s
+        while time.monotonic() < deadline:
+            last = self.last_scrape_s(jobs)
+            if last is not None and last >= after_s:
+                return True
+            time.sleep(min(0.1, interval_s / 4))
+        log.warning(
+            "no scrape of jobs %s since %.3f in %.0f s; reading what Prometheus has",
+            ", ".join(jobs),
+            after_s,
+            2 * interval_s + self.timeout_s,
+        )
+        return False
+
+    def query(
+        self, query: str, label: str, at: float, name: str = "ad hoc"
+    ) -> dict[str, float]:
+        """An instant vector as ``{value of label: value}``; NaN and Inf kept.
+
+        Series without ``label`` are left out (logged at DEBUG): they name no client.
+        """
+        result = self._custom_query(query, at, name)
+        by_client: dict[str, float] = {}
+        for item in result:
+            if (
+                not isinstance(item, dict)
+                or not isinstance(item.get("metric"), dict)
+                or not isinstance(item.get("value"), list)
+                or len(item["value"]) != 2
+            ):
+                raise PrometheusError(
+                    f"Prometheus at {self.url} answered {str(item)[:200]} "
+                    f"where an instant vector element was expected in the {name} query",
+                    kind="bad_response",
+                )
+            sample: VectorSample = item  # type: ignore[assignment]
+            client = sample["metric"].get(label)
+            if not client:
+                log.debug("series without %s left out: %s", label, sample["metric"])
+                continue
+            by_client[client] = parse_value(sample["value"][1])
+        return by_client
+
+    def close(self) -> None:
+        """Close the HTTP session."""
+        self._prom.close()
+
+    def _custom_query(self, query: str, at: float, name: str) -> list:
+        self._last_response = None
+        what = f"running the {name} query"
+        log.debug("%s query at %.3f: %s", name, at, query)
+        params = {"time": f"{at:.3f}", "timeout": f"{self.timeout_s:g}s"}
+        try:
+            result = self._prom.custom_query(query, params=params)
+        except requests.RequestException as exc:
+            raise _transport_error(self.url, what, exc) from exc
+        except PrometheusApiClientException as exc:
+            response = self._last_response
+            if response is None:
+                raise PrometheusError(
+                    f"Prometheus at {self.url}: {exc}", kind="http"
+                ) from exc
+            raise _status_error(self.url, what, response) from exc
+        except (ValueError, KeyError, TypeError) as exc:
+            raise PrometheusError(
+                f"Prometheus at {self.url} answered a body meshctl cannot read "
+                f"({exc}); {what}",
+                kind="bad_response",
+            ) from exc
+        if not isinstance(result, list):
+            raise PrometheusError(
+                f"Prometheus at {self.url} answered {str(result)[:200]} where an "
+                f"instant vector was expected; {what}",
+                kind="bad_response",
+            )
+        return result
+
+    def _remember(self, response: requests.Response, *args: object, **kwargs: object):
+        self._last_response = response
+        return response
+
+
+_STATUS_KINDS = {400: "bad_query", 422: "unprocessable", 503: "unavailable"}
+
+
+def _status_error(url: str, what: str, response: requests.Response) -> PrometheusError:
+    """A PrometheusError for an answer that is not 200, with the server's reason."""
+    try:
+        body = response.json()
+        reason = f"{body.get('errorType', '')}: {body.get('error', '')}"
+    except ValueError:
+        reason = response.text[:200]
+    kind = _STATUS_KINDS.get(response.status_code, "http")
+    return PrometheusError(
+        f"Prometheus at {url} answered {response.status_code} ({reason[:300]}) "
+        f"while {what}",
+        kind=kind,
+        status=response.status_code,
+    )
+
+
+def _transport_error(
+    url: str, what: str, error: requests.RequestException
+) -> PrometheusError:
+    """A PrometheusError for a call that got no answer: down or too slow."""
+    # With retries off, urllib3 wraps a read timeout in MaxRetryError: look inside.
+    reason = getattr(error.args[0], "reason", None) if error.args else None
+    timed_out = isinstance(reason, urllib3_errors.TimeoutError) and not isinstance(
+        reason, urllib3_errors.NewConnectionError
+    )
+    if isinstance(error, requests.Timeout) or timed_out:
+        return PrometheusError(
+            f"Prometheus at {url} did not answer in time while {what} ({error})",
+            kind="timeout",
+        )
+    return PrometheusError(
+        f"Prometheus at {url} is unreachable while {what} ({error})",
+        kind="unreachable",
+    )
