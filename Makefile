@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 export MESHCTL_DATA_DIR ?= $(abspath ../shared/data)
 export FLWR_TELEMETRY_ENABLED := 0
 
-.PHONY: setup demo demo-prometheus bench bench-quick test test-fast lint format clean e2e-kind
+.PHONY: setup demo demo-prometheus bench bench-quick bench-scale fuzz test test-fast lint format clean e2e-kind
 
 setup: $(STAMP)
 
@@ -43,6 +43,14 @@ e2e-kind: setup
 
 test: setup
 	$(PY) -m pytest
+
+# The fuzz tests with many more examples (MESHCTL_FUZZ_EXAMPLES each, 3000 by default).
+fuzz: setup
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest --timeout=0 tests/test_fuzz_*.py
+
+# One controller cycle for 1,000, 10,000 and 100,000 synthetic clients.
+bench-scale: setup
+	$(PY) benchmarks/scale.py
 
 test-fast: setup
 	$(PY) -m pytest -m "not slow"

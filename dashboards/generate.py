@@ -53,6 +53,9 @@ RATE = "$__rate_interval"
 # A routed client's cluster is outbound|<port>|<subset>|<host>, the subset
 # named after the client.  Character classes match the pipes without escapes.
 CLUSTER_CLIENT = "outbound[|][0-9]+[|]([^|]+)[|].*"
+# The clusters of the FL clients' service: Istio's sidecars name the host in
+# full (fl-clients.fl.svc.cluster.local), the local mesh by its short name.
+SERVICE_CLUSTER = "outbound[|].*[|]$service([.].*)?"
 QUERIES = promql.QuerySet(service="$service", namespace="$namespace")
 
 
@@ -240,7 +243,7 @@ def clients() -> dashboard.Dashboard:
     window = RATE
     ejections = (
         "sum by (client) (label_replace("
-        f'{promql_outlier()}{{{NS}, cluster_name=~"outbound[|].*[|]$service[.|].*"}}, '
+        f'{promql_outlier()}{{{NS}, cluster_name=~"{SERVICE_CLUSTER}"}}, '
         f'"client", "$1", "cluster_name", "{CLUSTER_CLIENT}"))'
     )
     return (

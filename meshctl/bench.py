@@ -314,7 +314,11 @@ def markdown(result: BenchResult) -> str:
         f"{size.per_round} per round, {size.rounds} rounds, seed {settings.seed}, "
         f"time scale {size.time_scale} wall s per emulated s.  Target: "
         f"{METRIC} >= {size.target}"
-        + (" (the quick bench's lower target)." if size == QUICK else "."),
+        + (
+            f" (lower than the full bench's {FULL.target})."
+            if size.target < FULL.target
+            else "."
+        ),
         "",
         "Times are emulated seconds until the test AUROC first reached the target. "
         "A ratio is the policy's time over the reference's: below 1 is sooner.  "
@@ -361,7 +365,35 @@ def _scenario_table(
             + " ".join(f"| {_fmt(final[m])}" for m in FINAL_METRICS)
             + f" | {policy['rounds']} | {policy['wall_s']:.0f} |"
         )
+    mesh = entry["policies"].get("mesh")
+    if mesh is not None and mesh["time_to_target_emulated_s"] is None:
+        lines += ["", f"`mesh` did not reach the target in {mesh['rounds']} rounds."]
+    elif speedups := mesh_speedups(entry["policies"], run_s):
+        lines += ["", "`mesh` reached the target " + "; ".join(speedups) + "."]
     return lines
+
+
+def mesh_speedups(
+    entries: Mapping[str, Mapping], run_s: Mapping[str, float | None]
+) -> list[str]:
+    """How many times sooner ``mesh`` reached the target than each other policy.
+
+    The inverse of the ratio; ``> x`` when the other never reached it.
+    """
+    if "mesh" not in entries:
+        return []
+    mesh_s = entries["mesh"]["time_to_target_emulated_s"]
+    phrases = []
+    for name, entry in entries.items():
+        if name == "mesh":
+            continue
+        r = ratio(mesh_s, entry["time_to_target_emulated_s"], run_s.get(name))
+        if r.value:
+            sign = "> " if r.bound else ""
+            phrases.append(f"{sign}{1 / r.value:.2f}x sooner than {name}")
+        else:
+            phrases.append(f"n/a against {name}")
+    return phrases
 
 
 def _fmt(value: float | None) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import secrets
 import signal
 import tempfile
 import time
@@ -433,14 +434,16 @@ def run(
             window_s=window_s,
             seed=settings.seed,
         )
-        api_server = RoundAPIServer(controller).start()
+        # A fresh round API token per run: only this run's FL server may arm.
+        token = secrets.token_urlsafe(32)
+        api_server = RoundAPIServer(controller, token=token).start()
         stack.callback(api_server.stop)
         if prometheus is not None:
             localprom.write_targets(
                 work_dir / "prometheus" / "targets",
                 controller=api_server.url.removeprefix("http://"),
             )
-        api = RoundAPIClient(api_server.url, per_round=settings.per_round)
+        api = RoundAPIClient(api_server.url, per_round=settings.per_round, token=token)
         stack.callback(api.close)
 
         tracker = RoundTracker(api, stats, controller, settings.time_scale, on_round)

@@ -12,11 +12,18 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from hypothesis import settings as hypothesis_settings
 
 from meshctl import protocol
 from meshctl.localmesh.envoy import LocalMesh
 from meshctl.routing import validate
 from meshctl.types import Workload
+
+# `HYPOTHESIS_PROFILE=fuzz` (make fuzz) gives every fuzz test many more examples.
+hypothesis_settings.register_profile(
+    "fuzz", max_examples=int(os.environ.get("MESHCTL_FUZZ_EXAMPLES", "3000"))
+)
+hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 # The datasets and CRDs live beside the project, in ../shared/data, unless the
 # environment names another place.

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -242,3 +244,108 @@ def test_kubectl_renders_what_to_dir_wrote_offline(tmp_path: Path) -> None:
     )
 
     assert result.returncode == 0, result.stderr
+
+
+def test_security_policies_are_applied_before_any_workload() -> None:
+    result = meshctl("-k", str(DEV), "--dry-run=client")
+
+    kinds = [line.split("/")[0] for line in result.stdout.splitlines()]
+    first_workload = min(
+        i
+        for i, kind in enumerate(kinds)
+        if kind in ("deployment.apps", "statefulset.apps")
+    )
+    policies = [
+        i
+        for i, kind in enumerate(kinds)
+        if kind.split(".")[0] in ("peerauthentication", "authorizationpolicy")
+    ]
+    assert len(policies) == 3
+    assert max(policies) < first_workload
+
+
+def test_to_dir_writes_files_everyone_may_read(tmp_path: Path) -> None:
+    written = kube_apply.write_to_dir(rendered(DEV), tmp_path / "gitops")
+
+    assert {path.stat().st_mode & 0o777 for path in written} == {0o644}
+
+
+def test_to_dir_removes_the_files_it_wrote_before_and_keeps_the_users(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "gitops"
+    objects = rendered(DEV)
+    kube_apply.write_to_dir(objects, out)
+    (out / "notes.yaml").write_text("# the user's own file\n")
+    fewer = [o for o in objects if o["kind"] != "PodMonitor"]
+
+    written = kube_apply.write_to_dir(fewer, out)
+
+    assert sorted(out.glob("*.yaml")) == sorted([*written, out / "notes.yaml"])
+    assert not list(out.glob("podmonitor-*"))
+    assert len(rendered(out)) == len(fewer)
+
+
+def test_to_dir_refuses_a_kustomization_it_did_not_write(tmp_path: Path) -> None:
+    out = tmp_path / "gitops"
+    out.mkdir()
+    (out / "kustomization.yaml").write_text("resources: [mine.yaml]\n")
+
+    result = meshctl("-k", str(DEV), "--to-dir", str(out))
+
+    assert result.exit_code == ExitCode.INVALID, result.output
+    assert "not written by meshctl" in " ".join(result.output.split())
+    assert [p.name for p in out.iterdir()] == ["kustomization.yaml"]
+
+
+@pytest.fixture
+def hanging_up_server(tmp_path: Path) -> Iterator[tuple[Path, list[int]]]:
+    """An "API server" that accepts each connection and closes it at once: a
+    kubeconfig naming it, and the number of connections so far."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted = [0]
+
+    def serve() -> None:
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return  # the listener was closed
+            accepted[0] += 1
+            connection.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    config = tmp_path / "kubeconfig"
+    config.write_text(
+        "apiVersion: v1\nkind: Config\ncurrent-context: x\n"
+        f"clusters: [{{name: x, cluster: {{server: 'http://127.0.0.1:"
+        f"{listener.getsockname()[1]}'}}}}]\n"
+        "users: [{name: x, user: {token: t}}]\n"
+        "contexts: [{name: x, context: {cluster: x, user: x}}]\n"
+    )
+    yield config, accepted
+    listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() above
+    listener.close()
+    thread.join(timeout=5)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["apply", "-f", str(ROOT / "manifests/base/namespace.yaml")],
+        ["select", "--prometheus-url", "http://127.0.0.1:9", "-k", "1"],
+        ["status"],
+    ],
+    ids=["apply", "select", "status"],
+)
+def test_every_cluster_command_fails_on_the_first_broken_connection(
+    hanging_up_server: tuple[Path, list[int]], command: list[str]
+) -> None:
+    config, accepted = hanging_up_server
+
+    result = CliRunner().invoke(cli.app, [*command, "--kubeconfig", str(config)])
+
+    assert result.exit_code == ExitCode.CLUSTER_UNREACHABLE, result.output
+    assert accepted[0] == 1
+    assert "Retrying" not in result.output

@@ -5,8 +5,9 @@ from __future__ import annotations
 import math
 
 import pytest
+from typer.testing import CliRunner
 
-from meshctl import bench
+from meshctl import bench, cli, exitcodes
 from meshctl.bench import BenchResult, BenchSettings, Ratio
 
 
@@ -101,10 +102,22 @@ def test_the_markdown_has_a_row_per_policy_with_its_ratios() -> None:
 
     text = bench.markdown(result)
 
-    assert "quick bench's lower target" in text
+    assert "lower than the full bench's 0.975" in text
     assert "vs best baseline (power-of-choice)" in text
     assert "| mesh | 4000 | 0.20 | 0.50 | 0.9800 |" in text
     assert "| pyramidfl | not reached | n/a | n/a |" in text
+    assert "5.00x sooner than random; 3.00x sooner than oort" in text
+
+
+def test_mesh_speedups_are_the_inverse_ratios_or_bounds() -> None:
+    entries = {"random": _entry(None), "oort": _entry(8_000.0), "mesh": _entry(4_000.0)}
+    run_s = {"random": 30_000.0, "oort": 30_000.0, "mesh": 30_000.0}
+
+    assert bench.mesh_speedups(entries, run_s) == [
+        "> 7.50x sooner than random",
+        "2.00x sooner than oort",
+    ]
+    assert bench.mesh_speedups({"random": _entry(1.0)}, run_s) == []
 
 
 def test_a_policy_entry_keeps_what_bench_json_promises() -> None:
@@ -163,3 +176,39 @@ def test_every_run_of_a_scenario_shares_its_clients_but_not_its_policy() -> None
     for name in ("clients", "seed", "scenario", "rounds", "time_scale", "target"):
         assert getattr(a, name) == getattr(b, name)
     assert (a.clients, a.rounds, a.target) == (8, 5, 0.97)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["bench", "--scenario=chaos"], "unknown scenario 'chaos'"),
+        (["bench", "--policies=random,oracle"], "unknown policy 'oracle'"),
+        (["demo", "--scenario=chaos"], "unknown scenario 'chaos'"),
+    ],
+    ids=["bench-scenario", "bench-policy", "demo-scenario"],
+)
+def test_unknown_names_are_usage_errors_before_anything_starts(
+    args: list[str], message: str
+) -> None:
+    result = CliRunner().invoke(cli.app, args)
+
+    assert result.exit_code == int(exitcodes.ExitCode.USAGE)
+    assert message in " ".join(result.output.split())
+
+
+def test_the_markdown_says_when_mesh_never_reached_the_target() -> None:
+    entries = {"random": _entry(9_000.0), "mesh": _entry(None)}
+    result = BenchResult(
+        BenchSettings(scenarios=("dynamic",)),
+        bench={
+            "scenarios": {
+                "dynamic": {
+                    "target": {"metric": "auroc", "value": 0.975},
+                    "policies": entries,
+                }
+            }
+        },
+        reports={"dynamic": {}},
+    )
+
+    assert "`mesh` did not reach the target in 15 rounds." in bench.markdown(result)

@@ -243,3 +243,35 @@ def test_a_round_api_failure_names_the_endpoint(api) -> None:
     with pytest.raises(RoundAPIError, match="answered 404"):
         client.arm(1)
     client.close()
+
+
+def test_a_plan_that_fails_after_the_routes_switched_runs_on_the_live_routes(
+    routing_dir,
+) -> None:
+    controller = _controller(routing_dir)
+    controller.arm(1, 2)
+    kinds_waited: list[str] = []
+
+    def wait_then_time_out_on_the_prune(step):
+        kinds_waited.append(step.kind)
+        if step.kind == "DestinationRule" and "VirtualService" in kinds_waited:
+            raise TimeoutError("Envoy did not serve the pruned clusters in time")
+        return 0.0
+
+    controller._wait = wait_then_time_out_on_the_prune
+    for server_round in range(2, 8):  # until a round's plan has a prune step
+        kinds_waited.clear()
+        armed = controller.arm(server_round, 2)
+        if kinds_waited[-1:] == ["DestinationRule"] and len(kinds_waited) == 3:
+            break
+
+    # The VirtualService was written before the failure: the round runs on it.
+    assert controller.assignment(server_round) == {
+        int(name.rsplit("-", 1)[1]): client
+        for name, client in _slot_routes(routing_dir).items()
+        if name.startswith("meshctl-slot-")
+    }
+    vs = yaml.safe_load((routing_dir / "virtualservice.yaml").read_text())
+    assert armed.routing_version == vs["metadata"]["annotations"][
+        protocol.ROUTING_VERSION_ANNOTATION
+    ]

@@ -276,3 +276,23 @@ def test_every_template_variable_finds_its_values(fed_prometheus: str) -> None:
                 params={"match[]": selector},
             ).json()
             assert answer["data"], f"{variable['name']}: no values of {label}"
+
+
+@pytest.mark.parametrize(
+    ("cluster", "matches"),
+    [
+        (f"outbound|80|c-01|{SERVICE}.{NAMESPACE}.svc.cluster.local", True),
+        (f"outbound|80|c-01|{SERVICE}", True),  # the local mesh's name
+        (f"outbound|8080|c-01|{SERVICE}-headless.{NAMESPACE}.svc.cluster.local", False),
+        (f"outbound|8080|c-01|{SERVICE}-headless", False),
+    ],
+    ids=["istio", "local", "other-service", "other-service-local"],
+)
+def test_the_ejections_panel_selects_the_clients_clusters_in_both_meshes(
+    cluster: str, matches: bool
+) -> None:
+    pattern = substitute(generate.SERVICE_CLUSTER)
+
+    assert bool(re.fullmatch(pattern, cluster)) is matches
+    (ejections,) = [e for k, e in QUERIES.items() if "Outlier ejections" in k]
+    assert generate.SERVICE_CLUSTER in ejections

@@ -220,7 +220,7 @@ def test_a_device_split_keeps_each_device_in_one_client_and_fills_all() -> None:
 def test_a_device_split_refuses_more_clients_than_devices() -> None:
     devices = np.array(["a", "b", "c"])
 
-    with pytest.raises(ValueError, match="dirichlet"):
+    with pytest.raises(ValueError, match="Dirichlet"):
         data.split_by_device(devices, 4)
 
 

@@ -234,3 +234,39 @@ def test_stop_ends_the_envoy_process(mesh: LocalMesh) -> None:
     assert not mesh.running
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def upstream_requests(mesh: LocalMesh, client: str) -> int | None:
+    """Envoy's ``upstream_rq_total`` of a client's cluster; None when it has none."""
+    text = httpx.get(mesh.admin_url + "/stats/prometheus").text
+    cluster = f'envoy_cluster_name="outbound|80|{client}|fl-clients"'
+    for line in text.splitlines():
+        if line.startswith("envoy_cluster_upstream_rq_total{") and cluster in line:
+            return int(line.rsplit(" ", 1)[1])
+    return None
+
+
+def test_a_client_routed_unrouted_and_routed_again_keeps_its_counters(
+    mesh: LocalMesh,
+) -> None:
+    both = destination_rule("r1", "c-00", "c-01")
+    mesh.sync(virtual_service("r1", *slots({1: "c-00", 2: "c-01"})), both)
+    assert [send(mesh, slot=2).text for _ in range(2)] == ["c-01"] * 2
+    counts = [upstream_requests(mesh, "c-01")]
+
+    # Round 2 leaves c-01 out: routes first, then its subset is pruned.
+    mesh.apply_virtual_service(virtual_service("r2", *slots({1: "c-00"})))
+    mesh.wait_served("routes", "r2", timeout_s=5)
+    mesh.sync(
+        virtual_service("r2", *slots({1: "c-00"})), destination_rule("r2", "c-00")
+    )
+    assert send(mesh, slot=1).text == "c-00"
+    counts.append(upstream_requests(mesh, "c-01"))
+
+    mesh.sync(
+        virtual_service("r3", *slots({1: "c-01"})), destination_rule("r3", "c-01")
+    )
+    assert send(mesh, slot=1).text == "c-01"
+    counts.append(upstream_requests(mesh, "c-01"))
+
+    assert counts == [2, 2, 3]

@@ -253,3 +253,32 @@ def test_mesh_counts_a_timeout_as_slow_without_being_told_the_deadline() -> None
     # Measured (no more exploration) and slow: 7200 ms against a median of 1000.
     assert "c-05" not in selection.clients
     assert selection.scores["c-05"] < 0.05
+
+
+def test_mesh_tries_an_unmeasured_client_before_one_that_just_failed() -> None:
+    policy = MeshPolicy()
+    failed = SlotOutcome(
+        server_round=1, slot=1, status="error", duration_s=0.5, reason="HTTP 500"
+    )
+    healthy = SlotOutcome(
+        server_round=1,
+        slot=2,
+        status="ok",
+        duration_s=1.0,
+        num_examples=100,
+        train_loss=0.1,
+    )
+    given = SelectionInput(
+        server_round=2,
+        candidates=CLIENTS,
+        per_round=3,
+        history={
+            "c-00": [ClientFeedback(client="c-00", outcome=failed)],
+            "c-01": [ClientFeedback(client="c-01", outcome=healthy)],
+        },
+    )
+
+    selection = policy.select(given, random.Random(0))
+
+    assert "c-00" not in selection.clients
+    assert "c-01" in selection.clients

@@ -198,6 +198,26 @@ def test_the_manifests_role_allows_everything_the_loop_does(
     assert denied == []
 
 
+def test_deleted_routing_objects_are_created_again_under_the_manifests_role(
+    cluster, controller
+) -> None:
+    cluster.allow_only(cs.controller_role_rules())
+    routes = arm(controller, cluster)
+    subsets = cs.live(cluster, "fl", "DestinationRule")["spec"]["subsets"]
+
+    for kind in ("DestinationRule", "VirtualService"):
+        rtype = cluster.resource_type(cs.ISTIO, kind)
+        cluster.store.delete(rtype, "fl", "fl-clients", False)
+
+    eventually(lambda: cs.live(cluster, "fl", "VirtualService"))
+    eventually(lambda: cs.live(cluster, "fl", "DestinationRule"))
+    assert cs.slot_targets(cs.live(cluster, "fl", "VirtualService")) == routes
+    dr = cs.live(cluster, "fl", "DestinationRule")
+    assert dr["spec"]["subsets"] == subsets
+    assert dr["spec"]["trafficPolicy"]["tls"]["mode"] == "ISTIO_MUTUAL"
+    assert [r for r in cluster.requests if r[2] == 403] == []
+
+
 def test_sigterm_stops_meshctl_run_cleanly(cluster, kubeconfig: Path) -> None:
     env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
     process = subprocess.Popen(

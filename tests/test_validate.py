@@ -515,3 +515,21 @@ def test_a_file_that_is_not_utf8_is_one_clear_problem(tmp_path) -> None:
 
     with pytest.raises(RoutingError, match="not UTF-8"):
         validate.load_yaml_documents(path)
+
+
+def test_kinds_without_rules_are_said_to_be_unchecked_not_valid(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from meshctl import cli
+    from meshctl.routing import render
+
+    vs, dr = render.render_exact({1: "c-01"}, routing_version="r1")
+    config_map = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x"}}
+    path = tmp_path / "all.yaml"
+    path.write_text(yaml.safe_dump_all([vs, dr, config_map]))
+
+    result = CliRunner().invoke(cli.app, ["validate", str(path)])
+
+    assert result.exit_code == 0
+    assert "2 objects valid" in result.output
+    assert "not checked" in result.output and "1 ConfigMap" in result.output

@@ -128,7 +128,8 @@ class Controller:
         with self._lock:
             started = time.monotonic()
             telemetry = self._read_telemetry()
-            candidates = [c for c in self.clients if c in set(self._ready())]
+            ready = set(self._ready())
+            candidates = [c for c in self.clients if c in ready]
             if not candidates:
                 raise ArmError(f"round {server_round}: no client has a ready endpoint")
             if telemetry is None and self._last_routes_ready(candidates):
@@ -191,17 +192,28 @@ class Controller:
     def _last_good(
         self, server_round: int, error: ArmError
     ) -> tuple[dict[int, str], str]:
-        """The routes of the last armed round, which are still in place."""
-        if not self.records:
+        """The slots the live routes serve after a failed apply, read back.
+
+        A plan can fail midway, after its VirtualService was written (a wait for
+        the data plane that timed out), so the routes in place are read, never
+        assumed to be the last round's.
+        """
+        try:
+            live_vs, _ = self._backend.read()
+        except Exception as exc:  # nothing can be said about the routes in place
+            raise error from exc
+        assignment, _ = render.routed_clients(live_vs)
+        if not assignment or not self.records:
             raise error
-        last = self.records[-1]
+        annotations = live_vs.get("metadata", {}).get("annotations") or {}
+        version = str(annotations.get(ROUTING_VERSION_ANNOTATION, "unversioned"))
         log.error(
-            "round %d: %s; the round runs on routing version %s",
+            "round %d: %s; the round runs on the live routing version %s",
             server_round,
             error,
-            last.routing_version,
+            version,
         )
-        return dict(self._slots[last.server_round]), last.routing_version
+        return dict(sorted(assignment.items())), version
 
     def _decide(self, selection: Selection, ready: Collection[str]) -> Decision:
         """The policy's choice after hysteresis, with weights in weighted mode."""

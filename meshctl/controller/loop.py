@@ -8,8 +8,9 @@ is applied through the cluster backend, a settle time after each step.
 
 It also watches its VirtualService and DestinationRule.  When another writer
 changes the routes or subsets meshctl owns (a ``kubectl apply`` from Git, say),
-the change is seen on its watch event and the intended routes are applied
-again at once, the other writer's own fields kept.  If the reverting goes on
+or deletes one of the objects, the change is seen on its watch event and the
+intended routes are applied again at once, the other writer's own fields kept
+(a deleted object is created again whole, as meshctl last wrote it).  If the reverting goes on
 (more than ``reassert_limit`` re-asserts within ``reassert_window_s``), the
 controller backs off, doubling the delay up to a limit, and posts a Warning
 Event on the object so that an operator sees who is fighting over it.
@@ -22,12 +23,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from meshctl.backends import cluster
 from meshctl.controller import metrics as metrics_text
+from meshctl.controller import roundapi
 from meshctl.controller.cycle import ArmError, Controller, TelemetrySource
 from meshctl.controller.roundapi import RoundAPIServer
 from meshctl.controller.select import PodView, settle_wait
@@ -52,6 +54,11 @@ class LoopSettings:
 
     listen: tuple[str, int] = ("0.0.0.0", 8080)
     metrics_listen: tuple[str, int] | None = None
+    # The round API's bearer token (MESHCTL_ROUND_API_TOKEN_FILE or
+    # MESHCTL_ROUND_API_TOKEN); None serves the API without authentication.
+    round_api_token: str | None = field(
+        default_factory=roundapi.token_from_environment, repr=False
+    )
     window_s: float = 300.0
     settle_s: float = 5.0
     mode: str = "exact"
@@ -131,8 +138,11 @@ class ClusterController(Controller):
 
 
 def drifted(kind: str, live: Mapping | None, intended: Mapping | None) -> bool:
-    """True when ``live`` no longer holds meshctl's part of ``intended``."""
-    if intended is None or live is None:
+    """True when ``live`` no longer holds meshctl's part of ``intended``
+    (or no longer exists)."""
+    if intended is None:
+        return False
+    if live is None:
         return False
     if _annotation(live) != _annotation(intended):
         return True
@@ -264,8 +274,16 @@ class ControllerLoop:
     def start(self) -> ControllerLoop:
         """Listen, then read the objects and start watching them (in a thread)."""
         host, port = self.settings.listen
+        token = self.settings.round_api_token
+        if token is None:
+            log.warning(
+                "the round API on %s:%d takes calls without a token; set %s",
+                host,
+                port,
+                roundapi.TOKEN_FILE_ENV,
+            )
         self._servers.append(
-            _ClusterRoundAPI(self.controller, self.ready, host, port).start()
+            _ClusterRoundAPI(self.controller, self.ready, host, port, token).start()
         )
         if self.settings.metrics_listen is not None:
             host, port = self.settings.metrics_listen
@@ -373,13 +391,13 @@ class ControllerLoop:
             return
         if event.type == "DELETED":
             log.warning(
-                "%s %s/%s was deleted; meshctl writes it again at the next round",
+                "%s %s/%s was deleted; meshctl creates it again",
                 kind,
                 self.backend.namespace,
                 self.backend.name,
             )
-            return
-        if drifted(kind, event.obj, self.backend.intended(kind)):
+        live = None if event.type == "DELETED" else event.obj
+        if drifted(kind, live, self.backend.intended(kind)):
             self._mark(kind)
 
     def _mark(self, kind: str) -> None:
@@ -502,10 +520,15 @@ class _ClusterRoundAPI(RoundAPIServer):
     """The round API with ``/readyz``: 200 once the objects were read."""
 
     def __init__(
-        self, controller: Controller, ready: threading.Event, host: str, port: int
+        self,
+        controller: Controller,
+        ready: threading.Event,
+        host: str,
+        port: int,
+        token: str | None = None,
     ) -> None:
         self._ready = ready
-        super().__init__(controller, host, port)
+        super().__init__(controller, host, port, token=token)
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         base = super()._handler()

@@ -8,16 +8,25 @@ policy asked for, often none).  ``POST /v1/rounds/feedback`` with
 ``{"server_round": r, "outcomes": [{"slot": 1, "status": "ok", ...}]}`` hands
 the controller the round's per-slot outcomes.  ``GET /healthz`` answers 200;
 ``GET /metrics`` serves the controller's own metrics to Prometheus.
+
+When the server has a token, both POST endpoints require it as
+``Authorization: Bearer <token>`` (compared in constant time) and answer 401
+without it; ``/healthz`` and ``/metrics`` stay open.  The token comes from
+``MESHCTL_ROUND_API_TOKEN_FILE`` (a file, as a Kubernetes Secret mounts it) or
+``MESHCTL_ROUND_API_TOKEN``; see :func:`token_from_environment`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hmac
 import json
 import logging
+import os
 import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import httpx
 
@@ -31,6 +40,8 @@ ARM_PATH = "/v1/rounds/arm"
 FEEDBACK_PATH = "/v1/rounds/feedback"
 METRICS_PATH = "/metrics"
 MAX_BODY_BYTES = 1024 * 1024
+TOKEN_ENV = "MESHCTL_ROUND_API_TOKEN"
+TOKEN_FILE_ENV = "MESHCTL_ROUND_API_TOKEN_FILE"
 
 
 class RoundAPIError(RuntimeError):
@@ -39,6 +50,41 @@ class RoundAPIError(RuntimeError):
 
 class BadRequest(ValueError):
     """A call whose body does not hold what the endpoint needs."""
+
+
+class TokenError(RoundAPIError, ValueError):
+    """The round API's token file cannot be read or is empty."""
+
+
+def token_from_environment(environ: dict[str, str] | None = None) -> str | None:
+    """The round API's shared token: the file ``MESHCTL_ROUND_API_TOKEN_FILE``
+    names, else ``MESHCTL_ROUND_API_TOKEN``, else None (no authentication).
+
+    Raises :class:`TokenError` naming the file when it cannot be read or is
+    empty: a server must not start open by mistake.
+    """
+    environ = os.environ if environ is None else environ
+    path = environ.get(TOKEN_FILE_ENV)
+    if path:
+        what = f"round API token file {path} ({TOKEN_FILE_ENV})"
+        try:
+            token = Path(path).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise TokenError(f"{what}: cannot read: {exc}") from exc
+        if not token:
+            raise TokenError(f"{what} is empty")
+        return token
+    return environ.get(TOKEN_ENV) or None
+
+
+def _authorized(header: str | None, token: str | None) -> bool:
+    """True when no token is required or ``header`` carries it (constant time)."""
+    if token is None:
+        return True
+    scheme, _, given = (header or "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(
+        given.strip().encode(), token.encode()
+    )
 
 
 def _outcome_from_json(server_round: int, item: object) -> SlotOutcome:
@@ -62,10 +108,21 @@ def _int_field(body: dict, name: str) -> int:
 
 
 class RoundAPIServer:
-    """Serves the round API of ``controller`` on ``host:port`` in a thread."""
+    """Serves the round API of ``controller`` on ``host:port`` in a thread.
 
-    def __init__(self, controller: Controller, host: str = "127.0.0.1", port: int = 0):
+    With a ``token``, the POST endpoints answer 401 unless the call carries it.
+    """
+
+    def __init__(
+        self,
+        controller: Controller,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        token: str | None = None,
+    ):
         self._controller = controller
+        self._token = token
         self._server = ThreadingHTTPServer((host, port), self._handler())
         self._server.daemon_threads = True
         self._thread = threading.Thread(
@@ -107,6 +164,7 @@ class RoundAPIServer:
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         routes = {ARM_PATH: self._arm, FEEDBACK_PATH: self._feedback}
         controller = self._controller
+        token = self._token
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
@@ -130,6 +188,19 @@ class RoundAPIServer:
                 if endpoint is None:
                     self._send(HTTPStatus.NOT_FOUND, {"error": f"no route {self.path}"})
                     return
+                if not _authorized(self.headers.get("authorization"), token):
+                    log.warning(
+                        "refused %s from %s: no valid bearer token",
+                        self.path,
+                        self.address_string(),
+                    )
+                    self._discard_body()
+                    self._send(
+                        HTTPStatus.UNAUTHORIZED,
+                        {"error": "a valid bearer token is required"},
+                        {"www-authenticate": 'Bearer realm="meshctl round API"'},
+                    )
+                    return
                 try:
                     self._send(HTTPStatus.OK, endpoint(self._body()))
                 except BadRequest as exc:
@@ -139,8 +210,11 @@ class RoundAPIServer:
                     self._send(HTTPStatus.SERVICE_UNAVAILABLE, {"error": str(exc)})
 
             def _body(self) -> dict:
-                length = int(self.headers.get("content-length") or 0)
-                if length > MAX_BODY_BYTES:
+                try:
+                    length = int(self.headers.get("content-length") or 0)
+                except ValueError as exc:
+                    raise BadRequest("content-length is not a number") from exc
+                if length < 0 or length > MAX_BODY_BYTES:
                     raise BadRequest(f"body of {length} bytes is too large")
                 try:
                     body = json.loads(self.rfile.read(length) or b"null")
@@ -150,9 +224,24 @@ class RoundAPIServer:
                     raise BadRequest("body must be a JSON object")
                 return body
 
-            def _send(self, status: HTTPStatus, payload: dict) -> None:
+            def _discard_body(self) -> None:
+                """Read a refused call's body (when small) to keep the connection."""
+                try:
+                    length = int(self.headers.get("content-length") or 0)
+                except ValueError:
+                    length = 0
+                if 0 < length <= MAX_BODY_BYTES:
+                    self.rfile.read(length)
+                elif length:
+                    self.close_connection = True
+
+            def _send(
+                self, status: HTTPStatus, payload: dict, headers: dict | None = None
+            ) -> None:
                 data = json.dumps(payload).encode()
                 self.send_response(status)
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
                 self.send_header("content-type", "application/json")
                 self.send_header("content-length", str(len(data)))
                 self.end_headers()
@@ -167,8 +256,18 @@ class RoundAPIServer:
 class RoundAPIClient:
     """What an FL server uses to talk to the controller's round API."""
 
-    def __init__(self, url: str, *, per_round: int, timeout_s: float = 120.0) -> None:
-        self._http = httpx.Client(base_url=url, timeout=timeout_s)
+    def __init__(
+        self,
+        url: str,
+        *,
+        per_round: int,
+        timeout_s: float = 120.0,
+        token: str | None = None,
+    ) -> None:
+        """``token`` defaults to :func:`token_from_environment`."""
+        token = token if token is not None else token_from_environment()
+        headers = {"authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(base_url=url, timeout=timeout_s, headers=headers)
         self.per_round = per_round
 
     def arm(self, server_round: int) -> ArmedRound:

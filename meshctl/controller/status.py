@@ -21,7 +21,6 @@ from meshctl.kube import errors as kube_errors
 from meshctl.routing import render, validate
 
 OUTPUTS = ("table", "json", "yaml")
-_SLOT_PREFIX = protocol.slot_route_name(0)[:-1]
 
 
 class StatusError(RuntimeError):
@@ -83,7 +82,7 @@ def read_status(
     states = {}
     if telemetry is not None:
         states = {c: str(t.state) for c, t in telemetry.read(window_s).items()}
-    slots, weights = routed_clients(live_vs)
+    slots, weights = render.routed_clients(live_vs)
     annotations = ((live_vs or {}).get("metadata") or {}).get("annotations") or {}
     return ClusterStatus(
         namespace=backend.namespace,
@@ -93,27 +92,6 @@ def read_status(
         weights=weights,
         states=states,
     )
-
-
-def routed_clients(vs: Mapping | None) -> tuple[dict[int, str], dict[str, int]]:
-    """The slot routes' clients and the weighted route's weights of ``vs``."""
-    slots: dict[int, str] = {}
-    weights: dict[str, int] = {}
-    for route in ((vs or {}).get("spec") or {}).get("http") or []:
-        name = route.get("name") or ""
-        destinations = validate.route_destinations(route)
-        if name.startswith(_SLOT_PREFIX) and name[len(_SLOT_PREFIX) :].isdigit():
-            if destinations:
-                slots[int(name[len(_SLOT_PREFIX) :])] = _client(destinations[0])
-        elif name == render.WEIGHTED_ROUTE_NAME:
-            for item in route.get("route") or []:
-                weights[_client(item)] = int(item.get("weight") or 0)
-    return slots, weights
-
-
-def _client(destination: Mapping) -> str:
-    inner = destination.get("destination", destination)
-    return str(inner.get("subset") or inner.get("host"))
 
 
 def render_status(status: ClusterStatus, output: str) -> str:

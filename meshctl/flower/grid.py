@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -299,7 +298,15 @@ def _check_array(name: str, expected, update) -> None:
         values = update.numpy()
     except Exception as exc:  # malformed bytes inside a well-formed record
         raise BadReply(f"array {name!r} does not decode: {exc}") from exc
+    # The header may lie about the data it carries: check what was decoded.
+    if not isinstance(values, np.ndarray) or (
+        values.shape != tuple(expected.shape) or values.dtype != expected.dtype
+    ):
+        found = f"{getattr(values, 'dtype', type(values).__name__)}"
+        found += f"{list(getattr(values, 'shape', ()))}"
+        raise BadReply(
+            f"array {name!r} decodes to {found}, expected "
+            f"{expected.dtype}{list(expected.shape)}"
+        )
     if not np.all(np.isfinite(values)):
         raise BadReply(f"array {name!r} holds NaN or infinite values")
-    if not math.isclose(values.size, math.prod(expected.shape)):
-        raise BadReply(f"array {name!r} has {values.size} values")

@@ -3,7 +3,9 @@
 Objects come from a kustomization (``kubectl kustomize``, as ``kubectl apply
 -k`` renders it) or from YAML files.  Every object is checked first, and
 nothing is written unless all pass.  Then each object, in dependency order
-(namespaces, then identities and their roles, then the rest), is applied
+(namespaces, then identities and their roles, then the mesh's security
+policies, configuration and Services, and the workloads last, so that no pod
+starts before the mTLS and authorization rules that guard it), is applied
 server-side under the field manager ``meshctl``; ``dry_run="server"`` asks the
 server to check everything and store nothing, ``dry_run="client"`` contacts no
 server at all.  ``write_to_dir`` writes the same objects as a kustomization
@@ -40,12 +42,20 @@ _ORDER = {
     "Role": 3,
     "ClusterRoleBinding": 4,
     "RoleBinding": 4,
-    "ConfigMap": 5,
-    "Secret": 5,
-    "PersistentVolumeClaim": 5,
-    "Service": 6,
+    "PeerAuthentication": 5,
+    "RequestAuthentication": 5,
+    "AuthorizationPolicy": 5,
+    "ConfigMap": 6,
+    "Secret": 6,
+    "PersistentVolumeClaim": 6,
+    "Service": 7,
 }
 _LAST = 10
+# The first line of every file ``write_to_dir`` writes: what marks it as its own.
+OWNED_HEADER = (
+    "# Written by `meshctl apply --to-dir`; the next run replaces or removes it."
+)
+FILE_MODE = 0o644
 
 Check = Callable[[Sequence[dict]], list[str]]
 
@@ -255,25 +265,52 @@ def write_to_dir(objects: Sequence[dict], directory: str | Path) -> list[Path]:
     """One YAML file per object and a ``kustomization.yaml`` listing them.
 
     Files are named ``<kind>-<name>.yaml`` (with the namespace when there is
-    one) and replaced atomically; other files in the directory are left alone.
+    one), start with ``OWNED_HEADER``, are readable by all (0644) and replaced
+    atomically.  Files an earlier run wrote (they carry the header) that this
+    run does not write are removed, so the directory holds exactly what the
+    kustomization lists; files without the header are left alone.  A
+    ``kustomization.yaml`` that meshctl did not write is refused, unchanged.
     """
     directory = Path(directory)
+    index = directory / "kustomization.yaml"
+    if index.exists() and not _owned(index):
+        raise ManifestError(
+            f"{index}: not written by meshctl apply --to-dir (its first line is not "
+            f"{OWNED_HEADER!r}); nothing written: choose an empty directory or "
+            "remove that file"
+        )
     directory.mkdir(parents=True, exist_ok=True)
     written = []
     for obj in objects:
         meta = obj["metadata"]
         parts = [obj["kind"].lower(), meta.get("namespace"), meta["name"]]
         path = directory / ("-".join(p for p in parts if p) + ".yaml")
-        _atomic_write(path, yaml.safe_dump(obj, sort_keys=False))
+        _atomic_write(path, _owned_text(obj))
         written.append(path)
     kustomization = {
         "apiVersion": "kustomize.config.k8s.io/v1beta1",
         "kind": "Kustomization",
         "resources": [p.name for p in written],
     }
-    index = directory / "kustomization.yaml"
-    _atomic_write(index, yaml.safe_dump(kustomization, sort_keys=False))
+    _atomic_write(index, _owned_text(kustomization))
+    for stale in sorted(set(directory.glob("*.yaml")) - {*written, index}):
+        if _owned(stale):
+            stale.unlink()
     return [*written, index]
+
+
+def _owned_text(obj: dict) -> str:
+    """The YAML of ``obj`` under the header that marks meshctl's files."""
+    return f"{OWNED_HEADER}\n{yaml.safe_dump(obj, sort_keys=False)}"
+
+
+def _owned(path: Path) -> bool:
+    """True when ``path`` starts with the header ``write_to_dir`` writes."""
+    try:
+        with path.open(encoding="utf-8") as handle:
+            return handle.readline().rstrip("\n") == OWNED_HEADER
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -282,6 +319,7 @@ def _atomic_write(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
+        os.chmod(tmp, FILE_MODE)  # mkstemp makes it 0600
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

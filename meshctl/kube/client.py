@@ -1,7 +1,10 @@
 """One connection to the API server, and plain-dict requests over it.
 
 ``connect`` reads a kubeconfig (``--kubeconfig``, ``$KUBECONFIG``, then
-``~/.kube/config``) or, inside a pod, the service account.  ``Api`` sends
+``~/.kube/config``) or, inside a pod, the service account.  Its client never
+retries on its own (urllib3 would otherwise try every request four times and
+log each retry): a command fails at once with "unreachable", and the
+controller retries on its own schedule, with back-off.  ``Api`` sends
 requests with the official client's transport and returns plain dicts; every
 failure becomes a ``meshctl.kube.errors`` class.  ``Api.resource`` finds the
 plural and scope of a kind through discovery, as kubectl does.
@@ -63,19 +66,23 @@ def connect(
     """An API client from a kubeconfig, or from the pod's service account."""
     path = kubeconfig or os.environ.get("KUBECONFIG")
     default = Path.home() / ".kube" / "config"
+    config = k8s_client.Configuration()
     try:
         if path is None and not default.exists():
-            config = k8s_client.Configuration()
             k8s_config.load_incluster_config(client_configuration=config)
-            return k8s_client.ApiClient(configuration=config)
-        return k8s_config.new_client_from_config(
-            config_file=str(path) if path else None, context=context
-        )
+        else:
+            k8s_config.load_kube_config(
+                config_file=str(path) if path else None,
+                context=context,
+                client_configuration=config,
+            )
     except (ConfigException, OSError) as exc:
         where = path or default
         raise errors.Unreachable(
             f"no usable kubeconfig ({where}) and not inside a pod: {exc}"
         ) from exc
+    config.retries = urllib3.util.Retry(total=0)
+    return k8s_client.ApiClient(configuration=config)
 
 
 def default_namespace(
@@ -133,7 +140,7 @@ class Api:
             data = response.read()
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise errors.Unreachable(
-                f"{target}: API server {self.server} unreachable: {exc}",
+                f"{target}: API server {self.server} unreachable: {_reason(exc)}",
                 target=target,
             ) from exc
         except k8s_client.ApiException as exc:
@@ -173,3 +180,10 @@ class Api:
                 group, version, entry["name"], entry["kind"], entry["namespaced"]
             )
             self._resources[(api_version, entry["kind"])] = resource
+
+
+def _reason(exc: Exception) -> Exception:
+    """What went wrong, without urllib3's "Max retries exceeded" wrapper."""
+    if isinstance(exc, urllib3.exceptions.MaxRetryError) and exc.reason is not None:
+        return exc.reason
+    return exc

@@ -10,11 +10,21 @@ routes.  Before any object exists every request is answered as an unarmed slot.
 
 Each xDS file carries the object's routing version as its ``version_info``;
 :meth:`LocalMesh.wait_served` polls ``/config_dump`` until Envoy reports it.
+
+Envoy forgets a cluster's counters when the cluster is removed, so a client
+whose subset was pruned and later added again would count from zero, and a
+Prometheus scraping Envoy would see the same total before and after the gap
+(no rate at all).  In a cluster each pod's sidecar keeps counting.  So the
+local mesh keeps, for as long as it runs, a cluster for every subset it has
+ever served: a subset the DestinationRule no longer lists keeps its cluster,
+with the workloads its labels select now.  No route points at such a retained
+cluster, so it carries no traffic; only its counters live on.
 """
 
 from __future__ import annotations
 
 import atexit
+import copy
 import json
 import logging
 import os
@@ -249,6 +259,8 @@ class LocalMesh:
         self.log_level = log_level
         self._process: subprocess.Popen[bytes] | None = None
         self._admin: httpx.Client | None = None
+        # Every subset served since this mesh was made, by name: see the module.
+        self._served_subsets: dict[str, dict] = {}
 
     # ------------------------------------------------------------- lifecycle
 
@@ -405,16 +417,33 @@ class LocalMesh:
         """Swap in the clusters for ``dr``; returns its routing version (no wait)."""
         if workloads is not None:
             self.workloads = tuple(workloads)
-        clusters = translate.translate_destination_rule(dr, self.workloads)
+        listed = len(translate.translate_destination_rule(dr, self.workloads)) - 1
+        served = self._with_retained_subsets(dr)
+        clusters = translate.translate_destination_rule(served, self.workloads)
         version = translate.routing_version(dr)
+        _stamp_version(clusters[0], version)
         self._write_xds(_CDS_FILE, version, clusters)
+        self._served_subsets.update(
+            (subset["name"], subset) for subset in served["spec"]["subsets"]
+        )
         log.info(
-            "clusters for DestinationRule %s: version %s, %d subsets",
+            "clusters for DestinationRule %s: version %s, %d subsets "
+            "(and %d retained for their counters)",
             _ref(dr),
             version,
-            len(clusters) - 1,
+            listed,
+            len(clusters) - 1 - listed,
         )
         return version
+
+    def _with_retained_subsets(self, dr: Mapping[str, Any]) -> dict:
+        """``dr`` with every subset served before and no longer listed, appended."""
+        served = copy.deepcopy(dict(dr))
+        subsets = served["spec"].get("subsets") or []
+        listed = {subset["name"] for subset in subsets}
+        retained = [s for n, s in self._served_subsets.items() if n not in listed]
+        served["spec"]["subsets"] = [*subsets, *copy.deepcopy(retained)]
+        return served
 
     def apply_virtual_service(self, vs: Mapping[str, Any]) -> str:
         """Swap in the routes for ``vs``; returns its routing version (no wait)."""
@@ -586,6 +615,18 @@ class LocalMesh:
             raise EnvoyError(
                 f"Envoy admin {path} failed: {error}; retry later"
             ) from error
+
+
+def _stamp_version(cluster: dict, version: str) -> None:
+    """Put the routing version in the host cluster's metadata.
+
+    Envoy reports a new CDS version only when some cluster changed; with the
+    retained clusters, pruning a subset changes none.  The host cluster (the
+    subset-less one, which meshctl's routes never use) changes with every
+    version instead, and it keeps its counters across the update.
+    """
+    metadata = cluster.setdefault("metadata", {}).setdefault("filter_metadata", {})
+    metadata[translate.VERSION_METADATA_NAMESPACE] = {"routing_version": version}
 
 
 def _read_object(path: Path) -> dict | None:

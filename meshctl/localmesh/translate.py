@@ -105,7 +105,9 @@ def cluster_name(host: str, subset: str = "", port: int = protocol.SERVICE_PORT)
 
 def routing_version(obj: Mapping[str, Any]) -> str:
     """The object's routing-version annotation, or a hash of its spec if it has none."""
-    annotations = (obj.get("metadata") or {}).get("annotations") or {}
+    metadata = obj.get("metadata")
+    annotations = metadata.get("annotations") if isinstance(metadata, Mapping) else {}
+    annotations = annotations if isinstance(annotations, Mapping) else {}
     version = annotations.get(protocol.ROUTING_VERSION_ANNOTATION)
     if version:
         return str(version)

@@ -273,9 +273,7 @@ def load_file(path: str | Path) -> PolicyDocument:
             [f"{path}:1: (file): holds {len(documents)} documents, expected one"]
         )
     node = documents[0]
-    return from_mapping(
-        yaml.safe_load(yaml.serialize(node)), source=str(path), node=node
-    )
+    return from_mapping(_construct(path, node), source=str(path), node=node)
 
 
 def file_problems(path: str | Path) -> list[str]:
@@ -287,7 +285,11 @@ def file_problems(path: str | Path) -> list[str]:
         return exc.problems
     problems = []
     for node in nodes:
-        obj = yaml.safe_load(yaml.serialize(node))
+        try:
+            obj = _construct(path, node)
+        except PolicyDocumentError as exc:
+            problems.extend(exc.problems)
+            continue
         if isinstance(obj, dict) and obj.get("kind") == KIND:
             problems.extend(_problems(obj, str(path), node))
     return problems
@@ -317,18 +319,75 @@ def _read(path: Path) -> str:
         raise PolicyDocumentError(
             [f"{path}:0: (file): cannot read: {exc.strerror}"]
         ) from exc
+    except UnicodeDecodeError as exc:
+        raise PolicyDocumentError(
+            [f"{path}:0: (file): not UTF-8 text (byte {exc.start}: {exc.reason})"]
+        ) from exc
 
 
 def _compose_all(path: Path, text: str) -> list[yaml.Node]:
     try:
         return [n for n in yaml.compose_all(text, Loader=yaml.SafeLoader) if n]
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark else 0
-        problem = getattr(exc, "problem", None) or str(exc)
+        raise _yaml_problem(path, "YAML syntax error", exc) from exc
+    except RecursionError as exc:
         raise PolicyDocumentError(
-            [f"{path}:{line}: (file): YAML syntax error: {problem}"]
+            [f"{path}:0: (file): YAML nested too deeply for a policy"]
         ) from exc
+
+
+def _construct(path: Path, node: yaml.Node) -> Any:
+    """The Python value of a composed document: unknown tags, unhashable keys
+    and documents that hold themselves are problems of the file."""
+    try:
+        obj = yaml.safe_load(yaml.serialize(node))
+    except yaml.YAMLError as exc:
+        raise _yaml_problem(path, "YAML value error", exc) from exc
+    except RecursionError as exc:
+        line = node.start_mark.line + 1
+        raise PolicyDocumentError(
+            [f"{path}:{line}: (file): YAML nested too deeply for a policy"]
+        ) from exc
+    if _is_recursive(obj):
+        line = node.start_mark.line + 1
+        raise PolicyDocumentError(
+            [f"{path}:{line}: (file): an anchor refers to its own value"]
+        )
+    return obj
+
+
+def _is_recursive(obj: Any) -> bool:
+    """True when a list or mapping holds itself (a depth-first walk that visits
+    each shared value once, so that aliases cost no more than their anchors)."""
+    gray, black = set(), set()
+    stack = [iter([obj])]
+    parents: list[int] = []
+    while stack:
+        child = next(stack[-1], _END)
+        if child is _END:
+            stack.pop()
+            if parents:
+                black.add(parents[-1])
+                gray.discard(parents.pop())
+            continue
+        if not isinstance(child, dict | list) or id(child) in black:
+            continue
+        if id(child) in gray:
+            return True
+        gray.add(id(child))
+        parents.append(id(child))
+        stack.append(iter(child.values() if isinstance(child, dict) else child))
+    return False
+
+
+_END = object()
+
+
+def _yaml_problem(path: Path, what: str, exc: yaml.YAMLError) -> PolicyDocumentError:
+    mark = getattr(exc, "problem_mark", None)
+    line = mark.line + 1 if mark else 0
+    problem = getattr(exc, "problem", None) or str(exc)
+    return PolicyDocumentError([f"{path}:{line}: (file): {what}: {problem}"])
 
 
 def _with_defaults(defaults: Mapping[str, Any], spec: Mapping[str, Any]) -> dict:

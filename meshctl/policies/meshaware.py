@@ -146,14 +146,24 @@ class MeshPolicy:
             reasons[probe] = f"fairness: idle for {idle} rounds"
 
         # The best scores among the clients that pass the filters.
+        # Then unmeasured clients rather than rested ones: a client that just
+        # failed is a worse bet than one nobody has tried.
         eligible, rested = self._filter(given.server_round, scores)
         ranked = sorted(eligible, key=lambda c: (-eligible[c], rng.random()))
+        untried = [c for c in unmeasured if c not in chosen]
+        ranked += rng.sample(untried, len(untried))
         ranked += sorted(rested, key=lambda c: (-rested[c], rng.random()))
         for client in ranked:
             if len(chosen) >= k:
                 break
-            if client not in chosen:
-                chosen.append(client)
+            if client in chosen:
+                continue
+            chosen.append(client)
+            if client in unmeasured:
+                reasons[client] = (
+                    "explore: never measured, preferred to a rested client"
+                )
+            else:
                 reasons[client] = self._reason(client, scores, rested)
         self._remember(given.server_round, chosen)
         return Selection(clients=tuple(chosen), scores=scores, reasons=reasons)

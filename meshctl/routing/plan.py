@@ -54,6 +54,8 @@ def plan_transition(
     the desired DestinationRule lacks, or, when ``ready_subsets`` is given, one
     whose meshctl routes send traffic to a subset with no ready endpoint.
     """
+    validate.check_live_shape(live_vs, validate.VIRTUAL_SERVICE)
+    validate.check_live_shape(live_dr, validate.DESTINATION_RULE)
     _check_desired(desired_vs, desired_dr, ready_subsets)
     steps = []
 

@@ -115,6 +115,32 @@ def render_weighted(
     return _render([route], sorted(positive), extra_subsets, live_vs, live_dr, place)
 
 
+def routed_clients(vs: Mapping | None) -> tuple[dict[int, str], dict[str, int]]:
+    """What a live VirtualService routes: its slot routes' clients (exact mode)
+    and its weighted route's weights (weighted mode)."""
+    prefix = protocol.slot_route_name(0)[:-1]
+    slots: dict[int, str] = {}
+    weights: dict[str, int] = {}
+    for route in ((vs or {}).get("spec") or {}).get("http") or []:
+        if not isinstance(route, Mapping):
+            continue
+        name = str(route.get("name") or "")
+        destinations = validate.route_destinations(route)
+        if name.startswith(prefix) and name[len(prefix) :].isdigit():
+            if destinations:
+                slots[int(name[len(prefix) :])] = _routed_client(destinations[0])
+        elif name == WEIGHTED_ROUTE_NAME and isinstance(route.get("route"), list):
+            for item in route["route"]:
+                if isinstance(item, Mapping):
+                    weights[_routed_client(item)] = int(item.get("weight") or 0)
+    return slots, weights
+
+
+def _routed_client(entry: Mapping) -> str:
+    inner = entry.get("destination", entry)
+    return str(inner.get("subset") or inner.get("host"))
+
+
 def weights_from_scores(
     scores: Mapping[str, float], total: int = 100
 ) -> dict[str, int]:
@@ -306,6 +332,8 @@ def _render(
     place: _Placement,
 ) -> tuple[dict, dict]:
     """Merge owned routes and subsets into the live objects; check their size."""
+    validate.check_live_shape(live_vs, validate.VIRTUAL_SERVICE)
+    validate.check_live_shape(live_dr, validate.DESTINATION_RULE)
     wanted = [*clients, *(_check_client(c) for c in extra_subsets)]
     vs = _merge_vs(routes, live_vs, place)
     dr = _merge_dr(wanted, vs, live_dr, place)

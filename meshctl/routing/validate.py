@@ -275,8 +275,12 @@ def short_host(host: str, namespace: str | None) -> str:
 def route_destinations(route: Mapping[str, Any]) -> list[dict]:
     """The ``destination`` mappings of one HTTP route."""
     entries = route.get("route") or []
+    if not isinstance(entries, list):
+        return []
     return [
-        e["destination"] for e in entries if isinstance(e, dict) and "destination" in e
+        e["destination"]
+        for e in entries
+        if isinstance(e, dict) and isinstance(e.get("destination"), Mapping)
     ]
 
 
@@ -295,6 +299,104 @@ def referenced_subsets(vs: Mapping[str, Any], *, owned_only: bool = False) -> se
 def is_owned_route(route: Mapping[str, Any]) -> bool:
     """True for a route meshctl wrote: its name carries the owned prefix."""
     return str(route.get("name", "")).startswith(protocol.OWNED_ROUTE_PREFIX)
+
+
+# --- live objects ------------------------------------------------------------
+
+
+def check_live_shape(obj: Any, kind: str) -> None:
+    """Raise ``RoutingError`` unless ``obj`` has the shape meshctl merges into.
+
+    A live object (read from a cluster or the routing directory) may hold
+    anything; the fields meshctl reads (metadata, hosts, routes and their
+    destinations, subsets) must be of the right type before it touches them.
+    The message names the object and the field.
+    """
+    if obj is None:
+        return
+    label = object_label(obj) if isinstance(obj, Mapping) else f"live {kind}"
+    for path, problem in _live_shape_problems(obj, kind):
+        raise RoutingError(f"{label}: {path or '(object)'}: {problem}")
+
+
+def _live_shape_problems(obj: Any, kind: str) -> Iterator[tuple[str, str]]:
+    if not isinstance(obj, Mapping):
+        yield "", f"is a {type(obj).__name__}, not a mapping"
+        return
+    if obj.get("kind", kind) != kind:
+        yield "kind", f"is {obj['kind']!r}, expected {kind}"
+    api_version = obj.get("apiVersion", "networking.istio.io/")
+    if not isinstance(api_version, str) or not api_version.startswith(
+        "networking.istio.io/"
+    ):
+        yield "apiVersion", f"{api_version!r} is not a networking.istio.io version"
+    meta = obj.get("metadata", {})
+    if not isinstance(meta, Mapping):
+        yield "metadata", "is not a mapping"
+        return
+    for key in ("name", "namespace"):
+        if key in meta and not isinstance(meta[key], str):
+            yield f"metadata.{key}", "is not a string"
+    for key in ("labels", "annotations"):
+        if key in meta and not _is_string_map(meta[key]):
+            yield f"metadata.{key}", "is not a mapping of strings"
+    spec = obj.get("spec", {})
+    if not isinstance(spec, Mapping):
+        yield "spec", "is not a mapping"
+    elif kind == VIRTUAL_SERVICE:
+        yield from _live_vs_problems(spec)
+    else:
+        yield from _live_dr_problems(spec)
+
+
+def _live_vs_problems(spec: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
+    hosts = spec.get("hosts", [])
+    if not isinstance(hosts, list) or not all(isinstance(h, str) for h in hosts):
+        yield "spec.hosts", "is not a list of strings"
+    routes = spec.get("http", [])
+    if not isinstance(routes, list):
+        yield "spec.http", "is not a list"
+        return
+    for i, route in enumerate(routes):
+        path = f"spec.http[{i}]"
+        if not isinstance(route, Mapping):
+            yield path, "is not a mapping"
+            continue
+        if "name" in route and not isinstance(route["name"], str):
+            yield f"{path}.name", "is not a string"
+        entries = route.get("route", [])
+        if not isinstance(entries, list):
+            yield f"{path}.route", "is not a list"
+            continue
+        for j, entry in enumerate(entries):
+            dest = entry.get("destination", {}) if isinstance(entry, Mapping) else {}
+            where = f"{path}.route[{j}].destination"
+            if not isinstance(dest, Mapping):
+                yield where, "is not a mapping"
+                continue
+            for key in ("host", "subset"):
+                if key in dest and not isinstance(dest[key], str):
+                    yield f"{where}.{key}", "is not a string"
+
+
+def _live_dr_problems(spec: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
+    if "host" in spec and not isinstance(spec["host"], str):
+        yield "spec.host", "is not a string"
+    subsets = spec.get("subsets", [])
+    if not isinstance(subsets, list):
+        yield "spec.subsets", "is not a list"
+        return
+    for i, subset in enumerate(subsets):
+        if not isinstance(subset, Mapping):
+            yield f"spec.subsets[{i}]", "is not a mapping"
+        elif not isinstance(subset.get("name"), str):
+            yield f"spec.subsets[{i}].name", "is missing or not a string"
+
+
+def _is_string_map(value: Any) -> bool:
+    return isinstance(value, Mapping) and all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    )
 
 
 # --- validation --------------------------------------------------------------
@@ -377,9 +479,12 @@ def _virtual_service_problems(
     routes = spec.get("http") or []
     if not any(spec.get(key) for key in ("http", "tcp", "tls")):
         yield "spec", "has no route (http, tcp or tls)"
+    if not isinstance(routes, list):
+        yield "spec.http", f"is a {type(routes).__name__}, not a list"
+        return
     yield from _route_name_problems(routes)
     subsets_by_host = _subsets_by_host(batch)
-    namespace = (vs.get("metadata") or {}).get("namespace")
+    namespace = _namespace_of(vs)
     for i, route in enumerate(routes):
         if not isinstance(route, Mapping):
             yield f"spec.http[{i}]", "is not a mapping"
@@ -407,9 +512,13 @@ def _route_problems(route: Mapping[str, Any], path: str) -> Iterator[tuple[str, 
     """One HTTP route: terminal action, matches, destinations and weights."""
     if not any(route.get(key) for key in _TERMINAL_ACTIONS):
         yield path, "has no destination, redirect, direct response or delegate"
-    for j, match in enumerate(route.get("match") or []):
+    matches, entries = route.get("match") or [], route.get("route") or []
+    for key, value in (("match", matches), ("route", entries)):
+        if not isinstance(value, list):
+            yield f"{path}.{key}", f"is a {type(value).__name__}, not a list"
+            return
+    for j, match in enumerate(matches):
         yield from _match_problems(match, f"{path}.match[{j}]")
-    entries = route.get("route") or []
     for k, entry in enumerate(entries):
         yield from _destination_problems(entry, f"{path}.route[{k}]")
     yield from _weight_sum_problems(entries, f"{path}.route")
@@ -420,8 +529,12 @@ def _match_problems(match: Any, path: str) -> Iterator[tuple[str, str]]:
     if not isinstance(match, Mapping):
         return
     for field in ("headers", "withoutHeaders"):
-        for key in match.get(field) or {}:
-            if key != key.lower():
+        headers = match.get(field) or {}
+        if not isinstance(headers, Mapping):
+            yield f"{path}.{field}", f"is a {type(headers).__name__}, not a mapping"
+            continue
+        for key in headers:
+            if not isinstance(key, str) or key != key.lower():
                 yield f"{path}.{field}.{key}", "header names must be lower case"
     for sub_path, regex in _regexes(match, path):
         if len(regex) > MAX_REGEX_CHARS:
@@ -472,18 +585,26 @@ def _weight_sum_problems(entries: list[Any], path: str) -> Iterator[tuple[str, s
         yield path, "weights sum to 0"
 
 
+def _namespace_of(obj: Mapping[str, Any]) -> str | None:
+    """The object's namespace when it names one as a string, else None."""
+    meta = obj.get("metadata")
+    namespace = meta.get("namespace") if isinstance(meta, Mapping) else None
+    return namespace if isinstance(namespace, str) else None
+
+
 def _subsets_by_host(batch: list[dict]) -> dict[tuple[str | None, str], set[str]]:
     """Subset names per (namespace, short host) of the DestinationRules in a batch."""
     found: dict[tuple[str | None, str], set[str]] = {}
     for obj in batch:
         if not isinstance(obj, Mapping) or obj.get("kind") != DESTINATION_RULE:
             continue
-        namespace = (obj.get("metadata") or {}).get("namespace")
-        spec = obj.get("spec") or {}
+        namespace = _namespace_of(obj)
+        spec = obj.get("spec")
+        spec = spec if isinstance(spec, Mapping) else {}
         host = short_host(str(spec.get("host", "")), namespace)
-        names = {
-            s.get("name") for s in spec.get("subsets") or [] if isinstance(s, Mapping)
-        }
+        subsets = spec.get("subsets")
+        subsets = subsets if isinstance(subsets, list) else []
+        names = {s.get("name") for s in subsets if isinstance(s, Mapping)}
         found.setdefault((namespace, host), set()).update(names)
     return found
 
@@ -499,6 +620,8 @@ def _reference_problems(
         subset = dest.get("subset")
         host = short_host(str(dest.get("host", "")), namespace)
         known = subsets_by_host.get((namespace, host))
+        if not isinstance(subset, str):
+            continue
         if subset and known is not None and subset not in known:
             yield (
                 f"{path}.route[{k}].destination.subset",
@@ -514,8 +637,12 @@ def _destination_rule_problems(dr: Mapping[str, Any]) -> Iterator[tuple[str, str
         return
     if not spec.get("host"):
         yield "spec.host", "is missing"
+    subsets = spec.get("subsets") or []
+    if not isinstance(subsets, list):
+        yield "spec.subsets", f"is a {type(subsets).__name__}, not a list"
+        return
     seen = set()
-    for i, subset in enumerate(spec.get("subsets") or []):
+    for i, subset in enumerate(subsets):
         name = subset.get("name") if isinstance(subset, Mapping) else None
         if not _is_label(name):
             yield f"spec.subsets[{i}].name", f"{name!r} is not a DNS-1123 label"

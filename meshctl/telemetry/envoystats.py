@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import collections
 import math
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
 from meshctl import protocol
 from meshctl.types import ClientState, ClientTelemetry
@@ -40,13 +40,17 @@ DEFAULT_FAILING_RATIO = 0.5
 _STATS_FILTER = (
     r"^cluster\.outbound\|.*\.(upstream_rq_total|upstream_rq_[1-5]xx|upstream_rq_time)$"
 )
-# prometheus_client's parser names every counter sample ``<family>_total``, so the
-# per-class counter reads as ``..._rq_xx_total`` and the per-code one, like the
-# total, as ``..._rq_total`` (told apart by its ``envoy_response_code`` label).
-_TOTAL = "envoy_cluster_upstream_rq_total"
-_CLASSES = ("envoy_cluster_upstream_rq_xx", "envoy_cluster_upstream_rq_xx_total")
+# Envoy writes the per-code counter, like the total, as ``..._rq_total`` (told
+# apart by its ``envoy_response_code`` label) and the per-class one as ``..._rq_xx``.
 _BUCKET = "envoy_cluster_upstream_rq_time_bucket"
-_COUNT = "envoy_cluster_upstream_rq_time_count"
+# One sample line of the four series read: name, labels, value.
+_SAMPLE = re.compile(
+    r"^(envoy_cluster_upstream_rq_total|envoy_cluster_upstream_rq_xx"
+    r"|envoy_cluster_upstream_rq_time_bucket|envoy_cluster_upstream_rq_time_count)"
+    r"\{([^}\n]*)\}[ \t]+(\S+)",
+    re.MULTILINE,
+)
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
 
 class EnvoyStatsError(RuntimeError):
@@ -82,26 +86,31 @@ class Snapshot:
 def parse_prometheus(
     text: str, host: str = protocol.SERVICE_HOST
 ) -> dict[str, ClientCounters]:
-    """Per-client counters from Envoy's Prometheus text for the subsets of ``host``."""
+    """Per-client counters from Envoy's Prometheus text for the subsets of ``host``.
+
+    Only the four series the telemetry needs are read, line by line with one
+    regular expression: a general exposition parser costs seconds per
+    hundred thousand clusters.
+    """
     totals: dict[str, int] = {}
     classes: dict[str, dict[str, int]] = collections.defaultdict(dict)
     buckets: dict[str, list[tuple[float, int]]] = collections.defaultdict(list)
     counts: dict[str, int] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            client = _client_of(sample.labels.get("envoy_cluster_name", ""), host)
-            if client is None:
-                continue
-            value = int(sample.value)
-            if sample.name == _TOTAL and "envoy_response_code" not in sample.labels:
+    for name, label_text, value_text in _SAMPLE.findall(text):
+        labels = dict(_LABEL.findall(label_text))
+        client = _client_of(labels.get("envoy_cluster_name", ""), host)
+        if client is None:
+            continue
+        value = int(float(value_text))
+        if name == "envoy_cluster_upstream_rq_total":
+            if "envoy_response_code" not in labels:
                 totals[client] = value
-            elif sample.name in _CLASSES:
-                code_class = sample.labels.get("envoy_response_code_class", "")
-                classes[client][code_class] = value
-            elif sample.name == _BUCKET:
-                buckets[client].append((float(sample.labels["le"]), value))
-            elif sample.name == _COUNT:
-                counts[client] = value
+        elif name == "envoy_cluster_upstream_rq_xx":
+            classes[client][labels.get("envoy_response_code_class", "")] = value
+        elif name == _BUCKET:
+            buckets[client].append((float(labels["le"]), value))
+        else:
+            counts[client] = value
     return {
         client: ClientCounters(
             requests_total=totals.get(client, 0),

@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -200,6 +201,17 @@ def effective_window_s(
     return minimum
 
 
+def _rate(value: float | None) -> float | None:
+    """A rate or ratio: finite and not negative, else None (no sure figure)."""
+    value = finite(value)
+    return None if value is None or value < 0 else value
+
+
+def _count(value: float) -> int:
+    """A request count from ``rate * window``; absurd rates saturate."""
+    return round(value) if math.isfinite(value) else sys.maxsize
+
+
 # -------------------------------------------------------------------- queries
 
 
@@ -301,9 +313,9 @@ def client_telemetry(
     reach is FAILING.  Otherwise FAILING when destination errors and mesh failures
     together reach ``failing_ratio`` of the requests, else OBSERVED.
     """
-    rate = finite(values.get("requests_per_s"))
-    ratio = finite(values.get("error_ratio"))
-    mesh_failures = finite(values.get("mesh_failures_per_s"))
+    rate = _rate(values.get("requests_per_s"))
+    ratio = _rate(values.get("error_ratio"))
+    mesh_failures = _rate(values.get("mesh_failures_per_s"))
     fl = {
         "train_loss": finite(values.get("train_loss")),
         "train_examples": finite(values.get("train_examples")),
@@ -318,8 +330,10 @@ def client_telemetry(
             **fl,
         )
 
-    failed = ratio * rate + (mesh_failures or 0.0)
-    attempted = rate + (mesh_failures or 0.0)
+    # Scaled by the larger rate, so that huge rates cannot overflow the sums.
+    scale = max(rate, mesh_failures or 0.0)
+    failed = ratio * (rate / scale) + (mesh_failures or 0.0) / scale
+    attempted = rate / scale + (mesh_failures or 0.0) / scale
     state = (
         ClientState.FAILING
         if failed / attempted >= failing_ratio
@@ -328,7 +342,7 @@ def client_telemetry(
     return PrometheusTelemetry(
         client=client,
         state=state,
-        requests=round(rate * window_s),
+        requests=_count(rate * window_s),
         requests_per_s=rate,
         error_ratio=ratio,
         latency_p50_ms=finite(values.get("latency_p50_ms")),
@@ -503,10 +517,17 @@ class PrometheusSource:
                 )
             sample: VectorSample = item  # type: ignore[assignment]
             client = sample["metric"].get(label)
-            if not client:
+            if not client or not isinstance(client, str):
                 log.debug("series without %s left out: %s", label, sample["metric"])
                 continue
-            by_client[client] = parse_value(sample["value"][1])
+            try:
+                by_client[client] = parse_value(sample["value"][1])
+            except PrometheusError as exc:
+                raise PrometheusError(
+                    f"Prometheus at {self.url} answered {exc} for {label} "
+                    f"{client!r} in the {name} query",
+                    kind="bad_response",
+                ) from exc
         return by_client
 
     def close(self) -> None:
@@ -555,8 +576,11 @@ def _status_error(url: str, what: str, response: requests.Response) -> Prometheu
     """A PrometheusError for an answer that is not 200, with the server's reason."""
     try:
         body = response.json()
-        reason = f"{body.get('errorType', '')}: {body.get('error', '')}"
     except ValueError:
+        body = None
+    if isinstance(body, dict):
+        reason = f"{body.get('errorType', '')}: {body.get('error', '')}"
+    else:
         reason = response.text[:200]
     kind = _STATUS_KINDS.get(response.status_code, "http")
     return PrometheusError(

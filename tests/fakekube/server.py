@@ -302,7 +302,7 @@ class _Handler(BaseHTTPRequestHandler):
         rtype, ns, name = self._parse_path(path)
         watch = params.get("watch") in ("true", "1")
         verb = _verb(method, name, watch)
-        if not self.fake.authorised(verb, rtype, name):
+        if not self.fake.authorised(verb, rtype, name or _selected_name(params)):
             raise st.forbidden(rtype, name, verb, ns, self.fake.user)
 
         store = self.fake.store
@@ -475,6 +475,16 @@ def _watched(event: st.Event, rtype, ns, selectors: st.Selectors) -> bool:
 def _expired(start: str) -> dict:
     status = st.ApiError(410, "Expired", f"too old resource version: {start}").status()
     return {"type": "ERROR", "object": status}
+
+
+def _selected_name(params: dict) -> str | None:
+    """The name a list or watch selects with ``metadata.name=``, which RBAC's
+    ``resourceNames`` authorise as a request for that one object."""
+    for term in (params.get("fieldSelector") or "").split(","):
+        key, _, value = term.partition("=")
+        if key.strip() == "metadata.name":
+            return value.lstrip("=").strip()  # "=" and "==" both select
+    return None
 
 
 def _verb(method: str, name: str | None, watch: bool) -> str:

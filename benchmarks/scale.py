@@ -1,0 +1,357 @@
+"""One controller cycle at 1,000, 10,000 and 100,000 clients.
+
+Synthetic telemetry for N clients goes through every stage of a cycle:
+
+- ``envoy_stats``: parse Envoy's ``/stats/prometheus`` text for N subsets at
+  two instants and turn the window into per-client telemetry;
+- ``prometheus``: a :class:`PrometheusSource` reads a tiny fake Prometheus
+  over loopback that answers every query with N pods; the HTTP requests are
+  counted (a fixed set, whatever N);
+- ``score_mesh`` and ``score_oort``: each policy chooses K of the N clients;
+- ``render``, ``plan`` and ``validate`` (meshctl's rules and the Istio CRD
+  schemas) of the routed objects, over the objects of the previous cycle.
+
+Prints, per N, the median seconds per stage and per cycle over a few
+repetitions, the peak memory of one cycle (tracemalloc), the number of
+Prometheus requests and the routed objects' size in bytes, with ratios against
+the 1,000-client baseline measured in the same run.
+
+    .venv/bin/python benchmarks/scale.py [--clients 1000 10000 100000] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import threading
+import time
+import tracemalloc
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from meshctl import policies, protocol
+from meshctl.policies.base import SelectionInput
+from meshctl.routing import plan_transition, render_exact, validate
+from meshctl.telemetry import envoystats
+from meshctl.telemetry.prometheus import PrometheusSource
+from meshctl.types import ClientTelemetry
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CRDS = ROOT.parent / "shared" / "data" / "istio" / "crd-all.gen.yaml"
+STAGES = (
+    "envoy_stats",
+    "prometheus",
+    "score_mesh",
+    "score_oort",
+    "render",
+    "plan",
+    "validate",
+)
+_LATENCY_BOUNDS_MS = (1, 5, 10, 50, 100, 500, 1000, 5000)
+
+
+def client_ids(n: int) -> list[str]:
+    """N client ids, as the local mesh names them."""
+    return [f"c-{i:06d}" for i in range(n)]
+
+
+# ------------------------------------------------------------------ Envoy stats
+
+
+def envoy_stats_text(clients: list[str], scale: int, seed: int) -> str:
+    """Envoy's Prometheus text for one subset cluster per client."""
+    rng = random.Random(seed)
+    lines = [
+        "# TYPE envoy_cluster_upstream_rq_total counter",
+        "# TYPE envoy_cluster_upstream_rq_xx counter",
+        "# TYPE envoy_cluster_upstream_rq_time histogram",
+    ]
+    totals, classes, buckets = [], [], []
+    for client in clients:
+        name = f"outbound|{protocol.SERVICE_PORT}|{client}|{protocol.SERVICE_HOST}"
+        label = f'envoy_cluster_name="{name}"'
+        total = scale * rng.randint(1, 20)
+        errors = rng.randint(0, total // 10)
+        totals.append(f"envoy_cluster_upstream_rq_total{{{label}}} {total}")
+        for code_class, count in (("2", total - errors), ("5", errors)):
+            classes.append(
+                f"envoy_cluster_upstream_rq_xx{{envoy_response_code_class="
+                f'"{code_class}",{label}}} {count}'
+            )
+        cumulative = 0
+        for bound in _LATENCY_BOUNDS_MS:
+            cumulative += rng.randint(0, total // len(_LATENCY_BOUNDS_MS))
+            buckets.append(
+                f'envoy_cluster_upstream_rq_time_bucket{{{label},le="{bound}"}} '
+                f"{min(cumulative, total)}"
+            )
+        buckets.append(
+            f'envoy_cluster_upstream_rq_time_bucket{{{label},le="+Inf"}} {total}'
+        )
+        buckets.append(f"envoy_cluster_upstream_rq_time_sum{{{label}}} {total * 40}")
+        buckets.append(f"envoy_cluster_upstream_rq_time_count{{{label}}} {total}")
+    return "\n".join(lines[:1] + totals + lines[1:2] + classes + lines[2:] + buckets)
+
+
+def envoy_window(older_text: str, newer_text: str) -> dict[str, ClientTelemetry]:
+    """Per-client telemetry between two stats texts 30 s apart."""
+    older = envoystats.Snapshot(0.0, envoystats.parse_prometheus(older_text))
+    newer = envoystats.Snapshot(30.0, envoystats.parse_prometheus(newer_text))
+    return envoystats.window(older, newer)
+
+
+# ------------------------------------------------------------ a fake Prometheus
+
+
+class FakePrometheus:
+    """Answers every instant query with one sample per pod; counts requests."""
+
+    def __init__(self, clients: list[str], seed: int = 0) -> None:
+        rng = random.Random(seed)
+        self.requests = 0
+        self._lock = threading.Lock()
+        result = [
+            {"metric": {"pod": c, "destination_pod": c}, "value": [1e9, v]}
+            for c, v in ((c, f"{rng.uniform(0.01, 2):.4f}") for c in clients)
+        ]
+        self._vector = json.dumps(
+            {"status": "success", "data": {"resultType": "vector", "result": result}}
+        ).encode()
+        self._config = json.dumps(
+            {"status": "success", "data": {"yaml": "global:\n  scrape_interval: 15s\n"}}
+        ).encode()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True
+
+            def _answer(self) -> None:
+                self.rfile.read(int(self.headers.get("content-length") or 0))
+                with fake._lock:
+                    fake.requests += 1
+                config = self.path.startswith("/api/v1/status/config")
+                body = fake._config if config else fake._vector
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = _answer
+
+            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+                pass
+
+        return Handler
+
+
+# ------------------------------------------------------------------- one cycle
+
+
+@dataclass
+class CycleResult:
+    """What one cycle took and produced."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    prometheus_requests: int = 0
+    object_bytes: int = 0
+    problems: int = 0
+    routed: tuple[str, ...] = ()
+
+
+@contextmanager
+def _timed(result: CycleResult, stage: str) -> Iterator[None]:
+    started = time.perf_counter()
+    yield
+    result.seconds[stage] = time.perf_counter() - started
+
+
+class Cycle:
+    """The inputs of a cycle for N clients, built once; :meth:`run` times one."""
+
+    def __init__(
+        self,
+        n: int,
+        *,
+        per_round: int = 10,
+        schemas: dict | None = None,
+        with_prometheus: bool = True,
+        seed: int = 0,
+    ) -> None:
+        self.clients = client_ids(n)
+        self.per_round = per_round
+        self.schemas = schemas
+        self._older_text = envoy_stats_text(self.clients, 1, seed)
+        self._newer_text = envoy_stats_text(self.clients, 3, seed + 1)
+        self.fake = FakePrometheus(self.clients, seed) if with_prometheus else None
+        self.source = (
+            PrometheusSource(self.fake.url, clock=lambda: 1e9)
+            if self.fake is not None
+            else None
+        )
+        self.policies = {name: policies.create(name) for name in ("mesh", "oort")}
+        self.live: tuple[dict | None, dict | None] = (None, None)
+        self.round = 0
+
+    def close(self) -> None:
+        if self.source is not None:
+            self.source.close()
+        if self.fake is not None:
+            self.fake.stop()
+
+    def run(self) -> CycleResult:
+        """One cycle; the objects it renders are the next cycle's live ones."""
+        result = CycleResult()
+        self.round += 1
+        with _timed(result, "envoy_stats"):
+            telemetry = envoy_window(self._older_text, self._newer_text)
+        if self.source is not None:
+            before = self.fake.requests
+            with _timed(result, "prometheus"):
+                self.source.read(60.0)
+            result.prometheus_requests = self.fake.requests - before
+
+        chosen: tuple[str, ...] = ()
+        for name, policy in self.policies.items():
+            given = SelectionInput(
+                server_round=self.round,
+                candidates=self.clients,
+                per_round=self.per_round,
+                telemetry=telemetry,
+            )
+            with _timed(result, f"score_{name}"):
+                selection = policy.select(given, random.Random(self.round))
+            chosen = chosen or selection.clients
+        result.routed = chosen
+
+        live_vs, live_dr = self.live
+        assignment = dict(enumerate(chosen, start=1))
+        with _timed(result, "render"):
+            vs, dr = render_exact(
+                assignment,
+                routing_version=f"r{self.round}",
+                live_vs=live_vs,
+                live_dr=live_dr,
+            )
+        with _timed(result, "plan"):
+            plan_transition(live_vs, live_dr, vs, dr, ready_subsets=self.clients)
+        with _timed(result, "validate"):
+            found = validate.validate_objects([vs, dr], schemas=self.schemas)
+        result.problems = len(found)
+        result.object_bytes = len(json.dumps(vs)) + len(json.dumps(dr))
+        self.live = (vs, dr)
+        return result
+
+
+# ---------------------------------------------------------------------- report
+
+
+def _median(results: list[CycleResult], stage: str) -> float:
+    return statistics.median(r.seconds.get(stage, 0.0) for r in results)
+
+
+def measure(n: int, repeat: int, schemas: dict | None) -> dict:
+    """Median stage times, peak memory, requests and object size for N."""
+    cycle = Cycle(n, schemas=schemas)
+    try:
+        cycle.run()  # warm-up: first config read, first live objects
+        results = [cycle.run() for _ in range(repeat)]
+        tracemalloc.start()
+        cycle.run()
+        peak_bytes = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    finally:
+        cycle.close()
+    stages = {s: _median(results, s) for s in STAGES}
+    return {
+        "n": n,
+        "stages": stages,
+        "cycle_s": statistics.median(sum(r.seconds.values()) for r in results),
+        "peak_mib": peak_bytes / 2**20,
+        "requests": results[-1].prometheus_requests,
+        "object_bytes": results[-1].object_bytes,
+        "problems": results[-1].problems,
+    }
+
+
+def _print(rows: list[dict]) -> None:
+    base = rows[0]
+    header = ["clients", *STAGES, "cycle_s", "x base", "peak MiB", "queries", "bytes"]
+    print(" ".join(f"{h:>11}" for h in header))
+    for row in rows:
+        ratio = row["cycle_s"] / base["cycle_s"] if base["cycle_s"] else float("nan")
+        cells = [
+            f"{row['n']:>11,}",
+            *(f"{row['stages'][s]:>11.4f}" for s in STAGES),
+            f"{row['cycle_s']:>11.4f}",
+            f"{ratio:>10.1f}x",
+            f"{row['peak_mib']:>11.1f}",
+            f"{row['requests']:>11}",
+            f"{row['object_bytes']:>11,}",
+        ]
+        print(" ".join(cells))
+    print()
+    for row in rows[1:]:
+        parts = ", ".join(
+            f"{s} {row['stages'][s] / base['stages'][s]:.1f}x"
+            for s in STAGES
+            if base["stages"][s] > 0
+        )
+        print(f"{row['n']:,} vs {base['n']:,} clients: {parts}")
+    print(
+        "routed objects: "
+        + ", ".join(f"{r['n']:,} -> {r['object_bytes']:,} B" for r in rows)
+        + "; schema problems: "
+        + ", ".join(str(r["problems"]) for r in rows)
+    )
+
+
+def _schemas(path: Path | None) -> dict | None:
+    if path is None or not path.exists():
+        print(f"no Istio CRDs at {path}: the schema check is left out")
+        return None
+    return validate.load_crd_schemas(path)
+
+
+def main(argv: list[str] | None = None, out: Callable[[str], None] = print) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--clients", type=int, nargs="+", default=[1_000, 10_000, 100_000]
+    )
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument(
+        "--crds",
+        type=Path,
+        default=Path(os.environ.get("MESHCTL_ISTIO_CRDS") or DEFAULT_CRDS),
+    )
+    args = parser.parse_args(argv)
+    schemas = _schemas(args.crds)
+    rows = []
+    for n in args.clients:
+        rows.append(measure(n, args.repeat, schemas))
+        out(f"measured {n:,} clients: {rows[-1]['cycle_s']:.3f} s per cycle")
+    _print(rows)
+
+
+if __name__ == "__main__":
+    main()
