@@ -39,6 +39,35 @@ log = logging.getLogger("meshctl")
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("plain", "json")
+LogLevelOpt = Annotated[
+    str,
+    typer.Option(
+        envvar="MESHCTL_LOG_LEVEL",
+        help="Log level on stderr.  [env: MESHCTL_LOG_LEVEL]",
+    ),
+]
+LogFormatOpt = Annotated[
+    str,
+    typer.Option(
+        envvar="MESHCTL_LOG_FORMAT",
+        help="plain, or json (one object a line).  [env: MESHCTL_LOG_FORMAT]",
+    ),
+]
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object a line: time, level, logger, message (and traceback)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
 
 
 def _setup_logging(level: str, log_format: str) -> None:
@@ -52,14 +81,13 @@ def _setup_logging(level: str, log_format: str) -> None:
             ExitCode.USAGE,
             f"--log-format must be one of {', '.join(LOG_FORMATS)}, not {log_format!r}",
         )
-    if log_format == "json":
-        fmt = (
-            '{"time": "%(asctime)s", "level": "%(levelname)s", '
-            '"logger": "%(name)s", "message": "%(message)s"}'
-        )
-    else:
-        fmt = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
-    logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr, force=True)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        JsonLogFormatter()
+        if log_format == "json"
+        else logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    )
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
     for noisy in ("httpx", "httpcore", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # Flower logs every strategy step through its own handler; meshctl logs rounds.
@@ -159,8 +187,8 @@ def demo(
             show_default=False,
         ),
     ] = None,
-    log_level: Annotated[str, typer.Option(help="Log level on stderr.")] = "INFO",
-    log_format: Annotated[str, typer.Option(help="plain or json.")] = "plain",
+    log_level: LogLevelOpt = "INFO",
+    log_format: LogFormatOpt = "plain",
 ) -> None:
     """Run federated training on the embedded mesh: real Envoy, real data."""
     from fl_app.data import DataError  # the case study, loaded only when it runs
@@ -827,11 +855,8 @@ def run(
     kubeconfig: KubeconfigOpt = None,
     context: ContextOpt = None,
     namespace: NamespaceOpt = None,
-    log_level: Annotated[
-        str,
-        typer.Option(envvar="MESHCTL_LOG_LEVEL", help="Log level on stderr."),
-    ] = "INFO",
-    log_format: Annotated[str, typer.Option(help="plain or json.")] = "plain",
+    log_level: LogLevelOpt = "INFO",
+    log_format: LogFormatOpt = "plain",
 ) -> None:
     """Run the controller in a cluster until SIGTERM: round API, watch, health."""
     import signal
@@ -945,16 +970,14 @@ def server(
     health_port: Annotated[
         int, typer.Option(help="Port of /healthz (0: none).")
     ] = 8081,
-    log_level: Annotated[
-        str,
-        typer.Option(envvar="MESHCTL_LOG_LEVEL", help="Log level on stderr."),
-    ] = "INFO",
+    log_level: LogLevelOpt = "INFO",
+    log_format: LogFormatOpt = "plain",
 ) -> None:
     """Run the FL server in a cluster: a ServerApp over the mesh's routing slots."""
     from meshctl.controller.roundapi import RoundAPIClient, RoundAPIError
     from meshctl.flower import serverrole
 
-    _setup_logging(log_level, "plain")
+    _setup_logging(log_level, log_format)
     try:
         settings = serverrole.ServerSettings(
             app_ref=app_ref,

@@ -160,6 +160,19 @@ def test_each_client_is_one_statefulset_pod_behind_the_clients_service(
     assert "--name=$(POD_NAME)" in container["args"]
 
 
+def test_production_names_every_image_by_registry_and_tag() -> None:
+    images = {
+        container["image"]
+        for _, spec in pod_specs("production")
+        for container in spec["containers"]
+    }
+
+    (image,) = images  # one image serves every role
+    registry, _, rest = image.partition("/")
+    assert "." in registry, f"{image}: no registry host"
+    assert ":" in rest or "@sha256:" in rest, f"{image}: neither tag nor digest"
+
+
 def test_production_runs_more_clients_than_dev() -> None:
     replicas = {
         overlay: one(overlay, "StatefulSet", "fl-clients")["spec"]["replicas"]
@@ -194,20 +207,25 @@ def test_the_controller_role_allows_only_what_the_controller_does(
     (subject,) = binding["subjects"]
 
     granted = {
-        (group, resource, verb)
+        (group, resource, verb, tuple(rule.get("resourceNames", ())))
         for rule in role["rules"]
         for group in rule["apiGroups"]
         for resource in rule["resources"]
         for verb in rule["verbs"]
     }
+    routing = ("virtualservices", "destinationrules")
+    # Its own objects by name (the watch selects metadata.name=fl-clients) ...
     routes = {
-        ("networking.istio.io", resource, verb)
-        for resource in ("virtualservices", "destinationrules")
-        for verb in ("get", "list", "watch", "patch")
+        ("networking.istio.io", resource, verb, (protocol.SERVICE_HOST,))
+        for resource in routing
+        for verb in ("get", "watch", "patch")
     }
-    pods = {("", "pods", verb) for verb in ("get", "list", "watch")}
-    events = {("", "events", "create")}  # the Warning when routes keep being reverted
-    assert granted == routes | pods | events
+    # ... and create, which RBAC cannot limit by name, to write them again
+    # after someone deleted them.
+    created = {("networking.istio.io", resource, "create", ()) for resource in routing}
+    pods = {("", "pods", verb, ()) for verb in ("get", "list", "watch")}
+    events = {("", "events", "create", ())}  # when routes keep being reverted
+    assert granted == routes | created | pods | events
     assert subject["name"] == "meshctl-controller"
     assert not rendered(overlay, "ClusterRole")
 
@@ -239,19 +257,72 @@ def test_only_the_fl_server_may_call_the_clients_and_the_round_api(
         assert sources == [principal], name
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
-def test_prometheus_scrapes_the_sidecars_of_every_fl_workload(overlay: str) -> None:
-    (monitor,) = rendered(overlay, "PodMonitor")
-    (expression,) = monitor["spec"]["selector"]["matchExpressions"]
-    apps = {
-        spec_owner["spec"]["template"]["metadata"]["labels"]["app"]
-        for spec_owner in rendered(overlay)
-        if spec_owner["kind"] in ("Deployment", "StatefulSet")
+# The port and path of each component's own metrics, from its arguments.
+METRICS = {
+    "meshctl-controller": ("--metrics-listen=0.0.0.0:", "/metrics"),
+    "fl-client": ("--port=", "/metrics"),
+}
+MERGED_METRICS_PORT = "15020"  # the istio-agent's Envoy-plus-application metrics
+
+
+def workloads(overlay: str) -> dict[str, dict]:
+    """Each Deployment's and StatefulSet's pod template, by its app label."""
+    return {
+        o["spec"]["template"]["metadata"]["labels"]["app"]: o["spec"]["template"]
+        for o in rendered(overlay)
+        if o["kind"] in ("Deployment", "StatefulSet")
     }
 
-    assert set(expression["values"]) == apps
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_prometheus_scrapes_every_pod_through_istios_merged_metrics(
+    overlay: str,
+) -> None:
+    (monitor,) = rendered(overlay, "PodMonitor")
+    (expression,) = monitor["spec"]["selector"]["matchExpressions"]
     (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    relabel = endpoint["relabelings"]
+
+    assert set(expression["values"]) == set(workloads(overlay))
     assert endpoint["path"] == "/stats/prometheus"
+    addresses = [r for r in relabel if r["targetLabel"] == "__address__"]
+    assert addresses, "the scrape must move to the agent's port"
+    for rule in addresses:
+        assert rule["sourceLabels"] == ["__meta_kubernetes_pod_ip"]
+        assert rule["replacement"].endswith(f":{MERGED_METRICS_PORT}")
+    # The controller's queries and the recording rules group by pod.
+    (pod,) = [r for r in relabel if r["targetLabel"] == "pod"]
+    assert pod["sourceLabels"] == ["__meta_kubernetes_pod_name"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_component_with_metrics_has_them_merged_by_its_sidecar(
+    overlay: str,
+) -> None:
+    templates = workloads(overlay)
+
+    assert set(METRICS) < set(templates)  # the FL server exports none of its own
+    for app, (flag, path) in METRICS.items():
+        annotations = templates[app]["metadata"].get("annotations") or {}
+        (container,) = templates[app]["spec"]["containers"]
+        (port,) = [a.removeprefix(flag) for a in container["args"] if flag in a]
+        assert annotations.get("prometheus.io/scrape") == "true", app
+        assert annotations.get("prometheus.io/port") == port, app
+        assert annotations.get("prometheus.io/path") == path, app
+        assert int(port) in {p["containerPort"] for p in container["ports"]}, app
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("app", ["fl-client", "fl-server"])
+def test_slow_starting_pods_have_minutes_before_the_liveness_probe_counts(
+    overlay: str, app: str
+) -> None:
+    (container,) = workloads(overlay)[app]["spec"]["containers"]
+    startup = container["startupProbe"]
+
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 300
+    assert startup["httpGet"] == container["livenessProbe"]["httpGet"]
+    assert container["readinessProbe"]["httpGet"] == startup["httpGet"]
 
 
 def test_the_image_has_an_entry_point_for_every_role_the_manifests_use() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -12,6 +13,9 @@ from meshctl.policies.meshaware import MeshPolicy, MeshSettings
 from meshctl.types import ClientFeedback, ClientState, ClientTelemetry, SlotOutcome
 
 CLIENTS = [f"c-{i:02d}" for i in range(10)]
+# Oort's staleness bonus in round 2 for a client last chosen in round 1 or never:
+# sqrt(0.1 * ln 2 / 1) = 0.2633.
+STALE_2 = math.sqrt(0.1 * math.log(2))
 
 
 def _observed(
@@ -65,10 +69,12 @@ def test_mesh_prefers_fast_reliable_clients_over_slow_and_failing_ones() -> None
 
     assert "c-01" not in selection.clients
     assert "c-02" not in selection.clients
-    # Worked by hand: speed (1000/8000)^2 = 1/64; reliability (1-0.6)^2 = 0.16.
-    assert selection.scores["c-01"] == pytest.approx(1 / 64)
-    assert selection.scores["c-02"] == pytest.approx(0.16)
-    assert selection.scores["c-00"] == pytest.approx(1.0)
+    # Worked by hand: the expected straggler of 8 is the 8/9 quantile of nine
+    # 1000s and one 8000, 1000 ms: speed (1000/8000)^2 = 1/64; reliability
+    # (1-0.6)^2 = 0.16; utility unknown (1) plus the round-2 staleness bonus.
+    assert selection.scores["c-01"] == pytest.approx((1 + STALE_2) / 64)
+    assert selection.scores["c-02"] == pytest.approx((1 + STALE_2) * 0.16)
+    assert selection.scores["c-00"] == pytest.approx(1 + STALE_2)
 
 
 def test_mesh_explores_clients_it_never_measured() -> None:
@@ -105,7 +111,7 @@ def test_a_window_without_traffic_changes_no_estimate() -> None:
     )
 
     # Still slow: no data is not zero, and the old estimate stands.
-    assert selection.scores["c-03"] == pytest.approx((1000 / 9000) ** 2)
+    assert selection.scores["c-03"] == pytest.approx((1 + STALE_2) / 81)
 
 
 def test_mesh_weighs_statistical_utility_from_feedback() -> None:
@@ -126,7 +132,7 @@ def test_mesh_weighs_statistical_utility_from_feedback() -> None:
     selection = policy.select(given, random.Random(0))
 
     assert selection.clients == ("c-00",)
-    assert selection.scores["c-01"] == pytest.approx(0.5)
+    assert selection.scores["c-01"] == pytest.approx(0.5 + STALE_2)
 
 
 def _feedback(
@@ -163,9 +169,10 @@ def test_mesh_scores_the_forecast_so_a_rising_latency_costs_before_it_averages()
     selection = _round(policy, 2, rising)
 
     # Holt, level 0.5, trend 0.3: z's level 0.5 * 200 + 0.5 * 100 = 150, trend
-    # 0.3 * (150 - 100) = 15, forecast 165.  Preferred: median(100, 150, 165).
-    assert selection.scores["z"] == pytest.approx((150 / 165) ** 2)
-    assert selection.scores["y"] == pytest.approx(1.0)
+    # 0.3 * (150 - 100) = 15, forecast 165.  The expected straggler of one
+    # client is the 1/2 quantile: median(100, 150, 165) = 150.
+    assert selection.scores["z"] == pytest.approx((1 + STALE_2) * (150 / 165) ** 2)
+    assert selection.scores["y"] == pytest.approx(1 + STALE_2)
 
 
 def test_mesh_rests_a_client_the_mesh_ejected() -> None:
@@ -217,7 +224,7 @@ def test_mesh_keeps_last_rounds_client_on_a_tie() -> None:
         first = _round(policy, 1, telemetry, seed=seed).clients
         again = _round(policy, 2, telemetry, seed=seed + 100)
         assert again.clients == first
-        assert again.scores[first[0]] == pytest.approx(1.15)
+        assert again.scores[first[0]] == pytest.approx(1.15 * (1 + STALE_2))
 
 
 def test_mesh_rests_a_client_over_its_share_of_recent_rounds() -> None:
@@ -229,9 +236,60 @@ def test_mesh_rests_a_client_over_its_share_of_recent_rounds() -> None:
 
     chosen = [_round(policy, r, telemetry).clients[0] for r in (1, 2, 3, 4)]
 
-    # fast took part in 1 of the last 2 rounds (share 0.5) and may go again;
-    # after 2 of 2 it rests for a round.
-    assert chosen == ["fast", "fast", "slow", "fast"]
+    # Chosen again, fast would take part in 2 of the last 2 rounds (share 1 >
+    # 0.5): it rests every other round, however fast it is.
+    assert chosen == ["fast", "slow", "fast", "slow"]
+
+
+def test_mesh_defaults_cap_a_client_at_half_of_any_four_rounds() -> None:
+    policy = MeshPolicy(MeshSettings(exploration=0.0, max_idle_rounds=None))
+    telemetry = {c: _observed(c, 100.0) for c in ("fast", "other")}
+    telemetry["other"] = _observed("other", 100.0, errors=0.2)
+
+    chosen = [_round(policy, r, telemetry).clients[0] for r in range(1, 9)]
+
+    # fast scores higher every round (reliability 1 against 0.64) but may be
+    # in at most 2 of any 4 consecutive rounds.
+    assert chosen == ["fast", "fast", "other", "other"] * 2
+
+
+def test_mesh_speed_costs_nothing_below_the_expected_straggler() -> None:
+    latencies = {"a": 100.0, "b": 300.0, "c": 200.0, "d": 900.0}
+    losses = {"a": 0.1, "b": 0.2, "c": 0.1, "d": 0.2}
+    policy = MeshPolicy(MeshSettings(exploration=0.0))
+    given = SelectionInput(
+        server_round=2,
+        candidates=sorted(latencies),
+        per_round=2,
+        telemetry={c: _observed(c, ms) for c, ms in latencies.items()},
+        history={c: [_feedback(c, examples=100, loss=x)] for c, x in losses.items()},
+    )
+
+    selection = policy.select(given, random.Random(0))
+
+    # Utilities 10, 20, 10, 20, relative to the best 20: 0.5, 1, 0.5, 1.  The
+    # expected straggler of 2 is the 2/3 quantile of (100, 200, 300, 900):
+    # 300 ms.  b, slower than the median but not than the straggler, keeps
+    # speed 1; d pays (300/900)^2 = 1/9.
+    assert selection.scores["b"] == pytest.approx(1 + STALE_2)
+    assert selection.scores["a"] == pytest.approx(0.5 + STALE_2)
+    assert selection.scores["d"] == pytest.approx((1 + STALE_2) / 9)
+    assert "b" in selection.clients and "d" not in selection.clients
+
+
+def test_mesh_staleness_brings_back_a_client_not_seen_for_long() -> None:
+    policy = MeshPolicy(MeshSettings(exploration=0.0, hysteresis=0.0))
+    telemetry = {c: _observed(c, 100.0) for c in ("old", "recent", "x", "y")}
+    _round(policy, 1, telemetry, candidates=["old"])
+    _round(policy, 4, telemetry, candidates=["recent"])
+
+    selection = _round(policy, 5, telemetry, candidates=["old", "recent"])
+
+    # Round 5: sqrt(0.1 * ln 5 / 1) = 0.4012 for old, sqrt(0.1 * ln 5 / 4)
+    # = 0.2006 for recent, on the same unknown utility 1.
+    assert selection.scores["old"] == pytest.approx(1.4012, abs=1e-4)
+    assert selection.scores["recent"] == pytest.approx(1.2006, abs=1e-4)
+    assert selection.clients == ("old",)
 
 
 def test_mesh_counts_a_timeout_as_slow_without_being_told_the_deadline() -> None:

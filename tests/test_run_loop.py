@@ -8,6 +8,8 @@ back off and post a Warning event.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import signal
 import subprocess
@@ -218,8 +220,15 @@ def test_deleted_routing_objects_are_created_again_under_the_manifests_role(
     assert [r for r in cluster.requests if r[2] == 403] == []
 
 
-def test_sigterm_stops_meshctl_run_cleanly(cluster, kubeconfig: Path) -> None:
-    env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
+def test_sigterm_stops_meshctl_run_cleanly_logging_json_lines_as_the_env_says(
+    cluster, kubeconfig: Path
+) -> None:
+    env = {
+        **os.environ,
+        "KUBECONFIG": str(kubeconfig),
+        "MESHCTL_LOG_FORMAT": "json",
+        "MESHCTL_LOG_LEVEL": "debug",
+    }
     process = subprocess.Popen(
         [
             sys.executable,
@@ -232,8 +241,6 @@ def test_sigterm_stops_meshctl_run_cleanly(cluster, kubeconfig: Path) -> None:
             "127.0.0.1:0",
             "-n",
             "fl",
-            "--log-level",
-            "INFO",
         ],
         env=env,
         stderr=subprocess.PIPE,
@@ -251,7 +258,24 @@ def test_sigterm_stops_meshctl_run_cleanly(cluster, kubeconfig: Path) -> None:
             process.kill()
             process.wait()
     assert process.returncode == 0, stderr
-    assert "controller stopped" in stderr
+    entries = [json.loads(line) for line in stderr.splitlines()]
+    assert {"time", "level", "logger", "message"} <= set(entries[0])
+    assert "DEBUG" in {e["level"] for e in entries}
+    assert "controller stopped" in [e["message"] for e in entries]
+
+
+def test_json_log_lines_stay_json_whatever_the_message_holds() -> None:
+    from meshctl import cli
+
+    message = 'VirtualService "fl/fl-clients": \\ reverted\n\ttwice'
+    record = logging.LogRecord(
+        "meshctl.loop", logging.WARNING, "", 0, message, (), None
+    )
+
+    line = cli.JsonLogFormatter().format(record)
+
+    assert "\n" not in line
+    assert json.loads(line)["message"] == message
 
 
 def test_the_manifests_controller_arguments_are_all_known() -> None:

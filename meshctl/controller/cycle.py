@@ -202,7 +202,10 @@ class Controller:
             live_vs, _ = self._backend.read()
         except Exception as exc:  # nothing can be said about the routes in place
             raise error from exc
-        assignment, _ = render.routed_clients(live_vs)
+        assignment, weights = render.routed_clients(live_vs)
+        if not assignment:  # weighted mode: every slot goes to the weighted route
+            routed = sorted(client for client, weight in weights.items() if weight > 0)
+            assignment = dict(enumerate(routed, start=1))
         if not assignment or not self.records:
             raise error
         annotations = live_vs.get("metadata", {}).get("annotations") or {}

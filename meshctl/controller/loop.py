@@ -10,10 +10,11 @@ It also watches its VirtualService and DestinationRule.  When another writer
 changes the routes or subsets meshctl owns (a ``kubectl apply`` from Git, say),
 or deletes one of the objects, the change is seen on its watch event and the
 intended routes are applied again at once, the other writer's own fields kept
-(a deleted object is created again whole, as meshctl last wrote it).  If the reverting goes on
-(more than ``reassert_limit`` re-asserts within ``reassert_window_s``), the
-controller backs off, doubling the delay up to a limit, and posts a Warning
-Event on the object so that an operator sees who is fighting over it.
+(a deleted object is created again whole, as meshctl last wrote it).  If the
+reverting goes on (more than ``reassert_limit`` re-asserts within
+``reassert_window_s``), the controller backs off, doubling the delay up to a
+limit, and posts a Warning Event on the object so that an operator sees who is
+fighting over it.
 """
 
 from __future__ import annotations
@@ -143,7 +144,7 @@ def drifted(kind: str, live: Mapping | None, intended: Mapping | None) -> bool:
     if intended is None:
         return False
     if live is None:
-        return False
+        return True
     if _annotation(live) != _annotation(intended):
         return True
     if kind == validate.VIRTUAL_SERVICE:

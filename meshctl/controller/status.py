@@ -18,7 +18,7 @@ from meshctl import protocol
 from meshctl.backends.cluster import ClusterBackend, ClusterBackendError
 from meshctl.controller.cycle import TelemetrySource
 from meshctl.kube import errors as kube_errors
-from meshctl.routing import render, validate
+from meshctl.routing import render
 
 OUTPUTS = ("table", "json", "yaml")
 

@@ -18,12 +18,17 @@ round a client trains.  The policy keeps, per client:
 
 The score of a measured client is
 
-    utility ** w * speed * reliability * stickiness
+    (utility + staleness) ** w * speed * reliability * stickiness
 
 - utility: relative to the best known; a client with no update yet gets the
   median of the known ones, neither rewarded nor punished;
-- speed: 1 up to the preferred latency (the median forecast), then
-  ``(preferred / forecast) ** alpha``;
+- staleness: Oort's bonus ``sqrt(s * ln(round) / last round chosen)``, so
+  that a client whose data the model has not seen for a while comes back;
+- speed: a round lasts as long as its slowest client, so a client that
+  finishes before the round's straggler costs nothing.  The expected
+  straggler ``T`` is the ``k / (k + 1)`` quantile of the latency forecasts
+  (the expected slowest of ``k`` clients drawn from them); speed is 1 up to
+  ``T``, then ``(T / forecast) ** alpha``, Oort's deadline penalty;
 - reliability: ``(1 - max(forecast error ratio, failure ratio)) ** 2``;
 - stickiness: ``1 + hysteresis`` for the clients of the last round, so that a
   near tie does not move routes (the routing layer damps flapping again).
@@ -31,10 +36,11 @@ The score of a measured client is
 Each round: clients above ``max_error_ratio`` or ejected are filtered out
 (refilled from the least bad ones if too few remain); a share ``exploration``
 of the slots goes to clients never measured; one slot goes to a client idle
-for ``max_idle_rounds`` or more (the participation floor, which is also how a
-client that recovered gets measured again); clients that took part in more
-than ``max_share`` of the last ``share_window_rounds`` rounds rest; the rest
-go to the best scores.
+for more than ``max_idle_rounds`` (the participation floor, which is also how a
+client that recovered gets measured again); a client that, chosen again, would
+take part in more than ``max_share`` of the last ``share_window_rounds``
+rounds rests (FedAvg on non-IID data needs every client's data, not the same
+fast few); the rest go to the best scores.
 """
 
 from __future__ import annotations
@@ -64,8 +70,9 @@ class MeshSettings:
     exclude_ejected: bool = True
     ejection_cooldown_rounds: int = 2
     max_idle_rounds: int | None = 10
-    max_share: float = 1.0
-    share_window_rounds: int = 10
+    max_share: float = 0.5
+    share_window_rounds: int = 4
+    staleness: float = 0.1  # s, Oort's staleness weight
     hysteresis: float = 0.15
     deadline_ms: float | None = None
 
@@ -126,7 +133,9 @@ class MeshPolicy:
         self._observe(given)
         k = min(given.per_round, len(given.candidates))
         scores = self.scores(
-            [c for c in given.candidates if self._estimates[c].measured]
+            [c for c in given.candidates if self._estimates[c].measured],
+            server_round=given.server_round,
+            per_round=k,
         )
         chosen, reasons = [], {}
 
@@ -218,18 +227,22 @@ class MeshPolicy:
 
     # -- scores ---------------------------------------------------------------
 
-    def scores(self, clients: list[str]) -> dict[str, float]:
+    def scores(
+        self, clients: list[str], server_round: int = 1, per_round: int = 1
+    ) -> dict[str, float]:
         """The score of each measured client; see the module's docstring."""
         estimates = {c: self._estimates[c] for c in clients}
         latencies = [
             e.latency_ms.forecast() for e in estimates.values() if e.latency_ms.level
         ]
-        preferred_ms = statistics.median(latencies) if latencies else None
+        straggler_ms = _quantile(latencies, per_round / (per_round + 1))
         utilities = [e.utility for e in estimates.values() if e.utility]
         best = max(utilities) if utilities else None
         unknown = statistics.median([u / best for u in utilities]) if best else 1.0
         return {
-            client: self._score(client, estimate, preferred_ms, best, unknown)
+            client: self._score(
+                client, estimate, server_round, straggler_ms, best, unknown
+            )
             for client, estimate in estimates.items()
         }
 
@@ -237,22 +250,31 @@ class MeshPolicy:
         self,
         client: str,
         estimate: _Estimate,
-        preferred_ms: float | None,
+        server_round: int,
+        straggler_ms: float | None,
         best_utility: float | None,
         unknown_utility: float,
     ) -> float:
         utility = unknown_utility
         if best_utility and estimate.utility is not None:
             utility = estimate.utility / best_utility
+        utility += self._staleness(server_round, estimate)
         speed = 1.0
         latency_ms = estimate.latency_ms.forecast(low=1e-3)
-        if preferred_ms and latency_ms and latency_ms > preferred_ms:
-            speed = (preferred_ms / latency_ms) ** self.settings.latency_penalty
+        if straggler_ms and latency_ms and latency_ms > straggler_ms:
+            speed = (straggler_ms / latency_ms) ** self.settings.latency_penalty
         reliability = (1.0 - self._unreliability(estimate)) ** (
             self.settings.reliability_exponent
         )
         sticky = 1.0 + self.settings.hysteresis if client in self._last else 1.0
         return utility**self.settings.utility_weight * speed * reliability * sticky
+
+    def _staleness(self, server_round: int, estimate: _Estimate) -> float:
+        """Oort's ``sqrt(s * ln(round) / last round chosen)``; 0 in round 1."""
+        last_round = max(1, estimate.selected_round)
+        return math.sqrt(
+            self.settings.staleness * math.log(max(1, server_round)) / last_round
+        )
 
     @staticmethod
     def _unreliability(estimate: _Estimate) -> float:
@@ -279,9 +301,12 @@ class MeshPolicy:
         return eligible, rested
 
     def _share(self, server_round: int, estimate: _Estimate) -> float:
+        """The client's share of the last rounds if it were chosen this round."""
         window = self.settings.share_window_rounds
-        recent = [r for r in estimate.rounds if r > server_round - 1 - window]
-        return len(recent) / window
+        recent = [
+            r for r in estimate.rounds if server_round - window < r < server_round
+        ]
+        return (len(recent) + 1) / window
 
     def _idle(
         self, given: SelectionInput, scores: dict[str, float], exclude: list[str]
@@ -310,6 +335,18 @@ class MeshPolicy:
             estimate.rounds.append(server_round)
             estimate.selected_round = server_round
         self._last = tuple(chosen)
+
+
+def _quantile(values: list[float], share: float) -> float | None:
+    """The ``share`` quantile of ``values``, linearly interpolated; ``None``
+    when there are none."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    position = share * (len(ordered) - 1)
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
 def _finite(value: float | None) -> bool:
