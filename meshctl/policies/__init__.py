@@ -113,6 +113,7 @@ def _mesh_settings(spec: Mapping[str, Any]) -> MeshSettings:
         latency_penalty=weights["latencyPenalty"],
         reliability_exponent=weights["reliability"],
         utility_weight=weights["utility"],
+        staleness=weights["staleness"],
         max_error_ratio=filters["maxErrorRatio"],
         exclude_ejected=filters["excludeEjected"],
         ejection_cooldown_rounds=filters["ejectionCooldownRounds"],

@@ -112,6 +112,7 @@ SECTIONS: dict[str, dict[str, dict]] = {
             "exponents of the score's factors",
             utility=_NON_NEGATIVE,
             latencyPenalty=_NON_NEGATIVE,
+            staleness=_NON_NEGATIVE,
             reliability=_NON_NEGATIVE,
         ),
         "filters": _section(
@@ -153,14 +154,19 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "mesh": {
         "exploration": {"share": 0.2},
         "smoothing": {"level": 0.5, "trend": 0.3},
-        "weights": {"utility": 1.0, "latencyPenalty": 2.0, "reliability": 2.0},
+        "weights": {
+            "utility": 1.0,
+            "latencyPenalty": 2.0,
+            "reliability": 2.0,
+            "staleness": 0.1,
+        },
         "filters": {
             "maxErrorRatio": 0.5,
             "excludeEjected": True,
             "ejectionCooldownRounds": 2,
             "deadlineMs": None,
         },
-        "fairness": {"maxIdleRounds": 10, "maxShare": 1.0, "shareWindowRounds": 10},
+        "fairness": {"maxIdleRounds": 10, "maxShare": 0.5, "shareWindowRounds": 4},
         "hysteresis": {"stickiness": 0.15},
     },
 }
