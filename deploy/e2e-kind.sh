@@ -118,6 +118,10 @@ PV
 deploy() {
   say "the dev overlay"
   meshctl apply -k "$ROOT/manifests/overlays/dev"
+  # The round API's shared token; the controller and server pods wait for it.
+  kubectl -n "$NAMESPACE" create secret generic meshctl-round-api-token \
+    --from-literal=token="$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')" \
+    --dry-run=client -o yaml | kubectl apply -f -
   kubectl -n "$NAMESPACE" rollout status statefulset/fl-clients --timeout=10m
   kubectl -n "$NAMESPACE" rollout status deployment/meshctl-controller --timeout=5m
   kubectl -n "$NAMESPACE" rollout status deployment/fl-server --timeout=5m

@@ -974,7 +974,7 @@ def server(
     log_format: LogFormatOpt = "plain",
 ) -> None:
     """Run the FL server in a cluster: a ServerApp over the mesh's routing slots."""
-    from meshctl.controller.roundapi import RoundAPIClient, RoundAPIError
+    from meshctl.controller.roundapi import RoundAPIClient, RoundAPIError, TokenError
     from meshctl.flower import serverrole
 
     _setup_logging(log_level, log_format)
@@ -997,7 +997,10 @@ def server(
         server_app = serverrole.load_app(app_ref)
     except serverrole.ServerRoleError as exc:
         raise _fail(ExitCode.USAGE, str(exc)) from exc
-    api = RoundAPIClient(controller, per_round=per_round, timeout_s=deadline_s)
+    try:
+        api = RoundAPIClient(controller, per_round=per_round, timeout_s=deadline_s)
+    except TokenError as exc:
+        raise _fail(ExitCode.USAGE, str(exc)) from exc
     try:
         serverrole.run(server_app, settings, arm=api.arm, report=api.report)
     except (RoundAPIError, serverrole.ServerRoleError) as exc:
