@@ -319,20 +319,7 @@ class LocalMesh:
             self._admin.close()
             self._admin = None
         _running.discard(self)
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            log.warning(
-                "Envoy pid %s ignored SIGTERM for %.1f s; killing it",
-                process.pid,
-                grace_s,
-            )
-            process.kill()
-            process.wait(timeout=grace_s)
-        log.info("Envoy pid %s stopped", process.pid)
+        processes.stop(process, "Envoy", grace_s)
 
     def __enter__(self) -> LocalMesh:
         return self.start()

@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import logging
 import signal
+import subprocess
 import sys
 from collections.abc import Callable
 from typing import Any
 
 _PR_SET_PDEATHSIG = 1
+
+log = logging.getLogger("meshctl.processes")
 
 
 def _die_with_parent() -> None:
@@ -32,3 +36,22 @@ def child_options() -> dict[str, Any]:
         _die_with_parent if sys.platform.startswith("linux") else None
     )
     return {"start_new_session": True, "preexec_fn": preexec}
+
+
+def stop(process: subprocess.Popen | None, name: str, grace_s: float = 5.0) -> None:
+    """Stop a child by its pid: SIGTERM, then SIGKILL after ``grace_s``."""
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        log.warning(
+            "%s pid %s ignored SIGTERM for %.1f s; killing it",
+            name,
+            process.pid,
+            grace_s,
+        )
+        process.kill()
+        process.wait(timeout=grace_s)
+    log.info("%s pid %s stopped", name, process.pid)

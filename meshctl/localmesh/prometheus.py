@@ -132,20 +132,7 @@ class LocalPrometheus:
     def stop(self, grace_s: float = 5.0) -> None:
         """Stop Prometheus by its pid: SIGTERM, then SIGKILL after ``grace_s``."""
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            log.warning(
-                "Prometheus pid %s ignored SIGTERM for %.1f s; killing it",
-                process.pid,
-                grace_s,
-            )
-            process.kill()
-            process.wait(timeout=grace_s)
-        log.info("Prometheus pid %s stopped", process.pid)
+        processes.stop(process, "Prometheus", grace_s)
 
     def __enter__(self) -> LocalPrometheus:
         return self.start()
