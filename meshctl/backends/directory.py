@@ -93,7 +93,7 @@ class DirectoryBackend:
                 f"{path}: {validate.object_label(intended)} not applied: {err}; "
                 "the previous file is restored"
             ) from err
-        log.info("wrote %s to %s", validate.object_label(intended), path)
+        log.debug("wrote %s to %s", validate.object_label(intended), path)
 
     def apply_plan(
         self, steps: Sequence[Step], wait: Callable[[Step], float]

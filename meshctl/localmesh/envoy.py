@@ -413,7 +413,7 @@ class LocalMesh:
         self._served_subsets.update(
             (subset["name"], subset) for subset in served["spec"]["subsets"]
         )
-        log.info(
+        log.debug(
             "clusters for DestinationRule %s: version %s, %d subsets "
             "(and %d retained for their counters)",
             _ref(dr),
@@ -438,7 +438,7 @@ class LocalMesh:
         version = translate.routing_version(vs)
         self._write_xds(_RDS_FILE, version, [route_config])
         routes = len(route_config["virtual_hosts"][0]["routes"])
-        log.info(
+        log.debug(
             "routes for VirtualService %s: version %s, %d routes",
             _ref(vs),
             version,
