@@ -729,6 +729,10 @@ PolicyOpt = Annotated[
         "SelectionPolicy file.  [env: MESHCTL_POLICY]",
     ),
 ]
+SettleOpt = Annotated[
+    float,
+    typer.Option("--settle", help="Seconds to wait after each routing step for Istio."),
+]
 
 
 def _cluster_backend(kubeconfig, context, namespace):
@@ -774,12 +778,7 @@ def select(
         ),
     ] = None,
     window: WindowOpt = "5m",
-    settle_s: Annotated[
-        float,
-        typer.Option(
-            "--settle", help="Seconds to wait after each routing step for Istio."
-        ),
-    ] = 5.0,
+    settle_s: SettleOpt = 5.0,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print the diff; write nothing.")
     ] = False,
@@ -846,12 +845,7 @@ def run(
         typer.Option(help="host:port of /metrics (default: the --listen port)."),
     ] = None,
     window: WindowOpt = "5m",
-    settle_s: Annotated[
-        float,
-        typer.Option(
-            "--settle", help="Seconds to wait after each routing step for Istio."
-        ),
-    ] = 5.0,
+    settle_s: SettleOpt = 5.0,
     kubeconfig: KubeconfigOpt = None,
     context: ContextOpt = None,
     namespace: NamespaceOpt = None,

@@ -32,7 +32,7 @@ from typing import Any
 from meshctl import protocol
 from meshctl.kube import client as kube
 from meshctl.kube import errors
-from meshctl.routing import render, validate
+from meshctl.routing import plan, render, validate
 from meshctl.routing.errors import RoutingError
 from meshctl.routing.plan import Step
 
@@ -174,22 +174,14 @@ class ClusterBackend:
         On a failure the cluster keeps the state of the last step that
         succeeded, and the error names the step that failed.
         """
-        waits = []
-        for number, step in enumerate(steps, start=1):
-            written = False
-            try:
-                self.write(step.obj)
-                written = True
-                waits.append(wait(step))
-            except Exception as exc:
-                kept = number if written else number - 1
-                cause = exc.kube_error if isinstance(exc, ClusterBackendError) else None
-                raise ClusterBackendError(
-                    f"step {number}/{len(steps)} ({step.kind}: {step.reason}) failed: "
-                    f"{exc}; the cluster keeps the state after step {kept}",
-                    cause,
-                ) from exc
-        return waits
+        try:
+            return plan.apply_steps(steps, self.write, wait, "the cluster")
+        except plan.StepFailed as exc:
+            cause = exc.__cause__
+            kube_error = (
+                cause.kube_error if isinstance(cause, ClusterBackendError) else None
+            )
+            raise ClusterBackendError(str(exc), kube_error) from cause
 
     def _send(self, intended: dict) -> dict:
         """Create the object whole, or apply meshctl's fields of it."""

@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from meshctl.routing import render, validate
+from meshctl.routing import plan, render, validate
 from meshctl.routing.errors import RoutingError
 from meshctl.routing.plan import Step
 
@@ -103,20 +103,7 @@ class DirectoryBackend:
         On a failure the directory keeps the state of the last step that
         succeeded, and the error names the step that failed.
         """
-        waits = []
-        for number, step in enumerate(steps, start=1):
-            written = False
-            try:
-                self.write(step.obj)
-                written = True
-                waits.append(wait(step))
-            except Exception as err:
-                kept = number if written else number - 1
-                raise RoutingError(
-                    f"step {number}/{len(steps)} ({step.kind}: {step.reason}) failed: "
-                    f"{err}; the directory keeps the state after step {kept}"
-                ) from err
-        return waits
+        return plan.apply_steps(steps, self.write, wait, "the directory")
 
     def _read_kind(self, kind: str) -> dict | None:
         """One file's object, or ``None`` when the file does not exist."""

@@ -20,7 +20,7 @@ desired one.
 from __future__ import annotations
 
 import copy
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -38,6 +38,42 @@ class Step:
     kind: Literal["DestinationRule", "VirtualService"]
     obj: dict
     reason: str
+
+
+class StepFailed(RoutingError):
+    """A step of a plan failed; ``kept`` steps took effect before it."""
+
+    def __init__(self, message: str, kept: int) -> None:
+        super().__init__(message)
+        self.kept = kept
+
+
+def apply_steps(
+    steps: Sequence[Step],
+    write: Callable[[dict], object],
+    wait: Callable[[Step], float],
+    place: str,
+) -> list[float]:
+    """Write the steps in order, waiting after each; the seconds each wait took.
+
+    On a failure ``place`` (the directory, the cluster) keeps the state of the
+    last step that succeeded; :class:`StepFailed` names the step that failed.
+    """
+    waits = []
+    for number, step in enumerate(steps, start=1):
+        written = False
+        try:
+            write(step.obj)
+            written = True
+            waits.append(wait(step))
+        except Exception as err:
+            kept = number if written else number - 1
+            raise StepFailed(
+                f"step {number}/{len(steps)} ({step.kind}: {step.reason}) failed: "
+                f"{err}; {place} keeps the state after step {kept}",
+                kept,
+            ) from err
+    return waits
 
 
 def plan_transition(
