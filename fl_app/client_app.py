@@ -12,7 +12,12 @@ and the device it emulates:
 - a fault schedule, by the round the server names in ``server-round``:
   ``fail-from-round`` (``fail-rate`` applies from that round on),
   ``slow-from-round`` and ``slow-factor`` (from that round the device computes
-  ``slow-factor`` times slower).
+  ``slow-factor`` times slower);
+- faults injected on purpose, each in one round: ``crash-in-round`` (the
+  process is killed halfway through that round's training, as an out-of-memory
+  kill would), and ``reply-fault`` with ``reply-fault-round`` (the reply of
+  that round carries NaN weights (``nan``), an array of the wrong shape
+  (``shape``) or ``oversized-bytes`` of padding (``oversized``)).
 
 The training config may carry ``local-steps-factor``, which a selection policy
 sets per client to scale its ``local-steps``.
@@ -23,7 +28,10 @@ and the emulated seconds the round took on the device.
 
 from __future__ import annotations
 
+import logging
+import os
 import random
+import signal
 import time
 from functools import cache
 
@@ -34,7 +42,11 @@ from flwr.clientapp import ClientApp
 
 from fl_app import data, devices, model
 
+log = logging.getLogger("fl_app.client")
+
 app = ClientApp()
+
+REPLY_FAULTS = ("nan", "shape", "oversized")
 
 
 class EmulatedDeviceFailure(RuntimeError):
@@ -117,11 +129,15 @@ def train(msg: Message, context: Context) -> Message:
     if random.Random(seed).random() < fail_rate:
         _sleep_until(started + wall_s / 2)
         raise EmulatedDeviceFailure(f"device failed in round {server_round}")
+    if _in_round(node, "crash-in-round", server_round):
+        _sleep_until(started + wall_s / 2)
+        log.warning("fault: crashing in the middle of round %d", server_round)
+        os.kill(os.getpid(), signal.SIGKILL)
     _sleep_until(started + wall_s)
 
     reply = RecordDict(
         {
-            "arrays": ArrayRecord(autoencoder.state_dict()),
+            "arrays": _faulty_arrays(node, server_round, autoencoder.state_dict()),
             "metrics": MetricRecord(
                 {
                     "num-examples": int(len(x)),
@@ -140,6 +156,31 @@ def _from_round(
     """True when the node config's ``key`` names this round or an earlier one."""
     first = node.get(key, default)
     return first is not None and server_round >= int(first)
+
+
+def _in_round(node: dict, key: str, server_round: int) -> bool:
+    """True when the node config's ``key`` names exactly this round."""
+    value = node.get(key)
+    return value is not None and int(value) == server_round
+
+
+def _faulty_arrays(node: dict, server_round: int, state: dict) -> ArrayRecord:
+    """The update as trained, or as the node config's reply fault spoils it."""
+    if not _in_round(node, "reply-fault-round", server_round):
+        return ArrayRecord(state)
+    fault = str(node.get("reply-fault", ""))
+    name = next(iter(state))
+    if fault == "nan":
+        state[name] = torch.full_like(state[name], float("nan"))
+    elif fault == "shape":
+        state[name] = torch.zeros(7, 7, dtype=state[name].dtype)
+    elif fault == "oversized":
+        padding = int(node.get("oversized-bytes", 64 * 1024 * 1024)) // 4 + 1
+        state["padding"] = torch.zeros(padding, dtype=torch.float32)
+    else:
+        raise ValueError(f"reply-fault must be one of {REPLY_FAULTS}, not {fault!r}")
+    log.warning("fault: the reply of round %d is spoilt (%s)", server_round, fault)
+    return ArrayRecord(state)
 
 
 def _model_bytes(arrays: ArrayRecord) -> int:

@@ -192,7 +192,26 @@ def resolve_data_dir(data_dir: Path | str | None = None) -> Path:
             f"{DATA_DIR_ENV}); `meshctl data fetch --dest {path}` downloads the "
             "datasets into it, `meshctl data fetch --from DIR` imports a local copy"
         )
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise DataError(
+            f"data directory {path} is not readable by this user (set by "
+            f"--data-dir or {DATA_DIR_ENV}); give it read and search permission"
+        )
     return path
+
+
+def check_readable(
+    dataset: str, data_dir: Path | str | None = None
+) -> tuple[Path, ...]:
+    """Return the paths of ``dataset``'s files once each is present and readable.
+
+    Cheap (one byte read per file, no checksum), so that a run can refuse a bad
+    data directory before it starts anything; loading checks the checksums.
+    """
+    return tuple(
+        _require_readable(dataset, relative, data_dir)
+        for relative in fetch.required_files(dataset)
+    )
 
 
 def require_file(
@@ -200,14 +219,39 @@ def require_file(
 ) -> Path:
     """Return the path of one data file, or raise :class:`DataError` saying how
     to obtain it."""
+    path = _require_readable(dataset, relative_path, data_dir)
+    _check_intact(dataset, relative_path, path)
+    return path
+
+
+def _require_readable(
+    dataset: str, relative_path: str, data_dir: Path | str | None
+) -> Path:
+    """The path of one data file, once it is known to exist and to be readable."""
     path = resolve_data_dir(data_dir) / relative_path
+    try:
+        path.stat()
+    except FileNotFoundError:
+        pass  # reported below as missing, with where to get it
+    except OSError as exc:  # a directory on the way that this user cannot search
+        raise DataError(
+            f"cannot read data file {path}: {exc.strerror}; check the permissions "
+            "of the data directory and the directories inside it"
+        ) from exc
     if not path.is_file():
         origin = fetch.dataset_source(dataset).origin
         raise DataError(
             f"missing data file {path} (from {origin}); `meshctl data fetch` "
             "downloads it, `meshctl data fetch --from DIR` imports a local copy"
         )
-    _check_intact(dataset, relative_path, path)
+    try:
+        with path.open("rb") as stream:
+            stream.read(1)
+    except OSError as exc:
+        raise DataError(
+            f"cannot read data file {path}: {exc.strerror or exc}; check its "
+            "permissions"
+        ) from exc
     return path
 
 

@@ -187,6 +187,18 @@ def demo(
             show_default=False,
         ),
     ] = None,
+    fault_spec: Annotated[
+        str,
+        typer.Option(
+            "--faults",
+            help="Faults to inject, comma-separated, rounds from 1: "
+            "crash:CLIENT@ROUND[+ROUNDS DOWN], slow:CLIENTxFACTOR@ROUND, "
+            "fail:CLIENTxSHARE@ROUND, nan|shape|oversized:CLIENT@ROUND (a bad "
+            "reply), envoy-restart@ROUND, controller-restart@ROUND.  "
+            "Example: crash:c-03@2,slow:c-05x10@1",
+            show_default=False,
+        ),
+    ] = "",
     log_level: LogLevelOpt = "INFO",
     log_format: LogFormatOpt = "plain",
 ) -> None:
@@ -226,11 +238,14 @@ def demo(
         telemetry=telemetry,
         prometheus_url=prometheus_url,
         scenario=scenario,
+        faults=fault_spec,
     )
     try:
         settings.check()
     except (ValueError, policies.UnknownPolicy) as exc:
         raise _fail(ExitCode.USAGE, str(exc)) from exc
+    except DataError as exc:
+        raise _fail(ExitCode.DATA_MISSING, str(exc)) from exc
     finished: list = []
 
     def on_round(entry) -> None:
@@ -846,6 +861,14 @@ def run(
     ] = None,
     window: WindowOpt = "5m",
     settle_s: SettleOpt = 5.0,
+    state_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--state-file",
+            help="Save the controller's state here after each round and recover "
+            "it at start (a volume that outlives the pod); default: keep none.",
+        ),
+    ] = None,
     kubeconfig: KubeconfigOpt = None,
     context: ContextOpt = None,
     namespace: NamespaceOpt = None,
@@ -856,6 +879,7 @@ def run(
     import signal
 
     from meshctl.controller import loop
+    from meshctl.controller.state import ControllerStateError
     from meshctl.kube import errors as kube_errors
     from meshctl.telemetry import prometheus as source
 
@@ -868,13 +892,19 @@ def run(
             metrics_listen=loop.parse_address(metrics_listen),
             window_s=source.parse_duration_s(window),
             settle_s=settle_s,
+            state_path=state_file,
         )
     except ValueError as exc:
         raise _fail(ExitCode.USAGE, str(exc)) from exc
     except kube_errors.KubeError as exc:
         raise _fail(_kube_exit_code(exc), str(exc)) from exc
     reader = source.PrometheusSource(prometheus_url, namespace=backend.namespace)
-    controller_loop = loop.ControllerLoop(backend, reader, chosen, settings)
+    try:
+        controller_loop = loop.ControllerLoop(backend, reader, chosen, settings)
+    except ControllerStateError as exc:
+        reader.close()
+        message = f"{exc}; move the file away to start fresh"
+        raise _fail(ExitCode.INVALID, message) from exc
     signal.signal(signal.SIGTERM, lambda *_: controller_loop.request_stop())
     try:
         controller_loop.start()

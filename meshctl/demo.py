@@ -22,9 +22,9 @@ from pathlib import Path
 
 import yaml
 
-from meshctl import policies, protocol, report, scenarios
+from meshctl import faults, policies, protocol, report, scenarios
 from meshctl.backends.directory import DirectoryBackend
-from meshctl.controller.cycle import Controller
+from meshctl.controller.cycle import Controller, RoundRecord
 from meshctl.controller.roundapi import RoundAPIClient, RoundAPIServer
 from meshctl.flower.grid import MeshGrid
 from meshctl.localmesh.envoy import EnvoyError, LocalMesh
@@ -44,6 +44,11 @@ log = logging.getLogger("meshctl.demo")
 
 CLIENT_APP = "fl_app.client_app:app"
 TELEMETRY_SOURCES = ("envoy", "prometheus")
+DEVICE_TRACE = "fedscale"  # the data set the devices' speeds come from
+# The largest training reply the server reads: the model is about 60 KB, so a
+# reply this large is a broken or hostile client.
+MAX_REPLY_BYTES = 8 * 1024 * 1024
+STATE_FILE = "state.json"  # the controller's, under <work dir>/controller/
 
 
 class SettingsError(ValueError):
@@ -81,6 +86,7 @@ class DemoSettings:
     prometheus_url: str | None = None  # None with prometheus: start one locally
     scrape_interval: str = "1s"  # of the Prometheus the demo starts
     scenario: str = "static"  # scenarios.NAMES: who fails, slows down, joins late
+    faults: str = ""  # a fault spec (meshctl.faults): crashes, restarts, bad replies
 
     def check(self) -> None:
         """Raise ``ValueError`` naming the option that cannot work."""
@@ -123,6 +129,18 @@ class DemoSettings:
                 find_prometheus()
             except PrometheusProcessError as exc:
                 raise ValueError(f"--telemetry prometheus: {exc}") from exc
+        self.fault_list()  # FaultSpecError names the item
+        # The data last: a directory that cannot be read stops the run here,
+        # before any process starts (fl_app.data.DataError names the path).
+        from fl_app import data  # the case study, behind the face
+
+        data.check_readable(self.dataset, self.data_dir)
+        data.check_readable(DEVICE_TRACE, self.data_dir)
+
+    def fault_list(self) -> tuple[faults.Fault, ...]:
+        """The faults of ``--faults``, parsed and checked against the run."""
+        ids = [protocol.client_id(i) for i in range(self.clients)]
+        return faults.parse(self.faults, ids, self.rounds)
 
 
 def _check_writable_dir(option: str, path: Path) -> None:
@@ -138,6 +156,38 @@ def _check_writable_dir(option: str, path: Path) -> None:
         raise ValueError(f"{option} {path}: {exc.strerror or exc}") from exc
 
 
+class ControllerHost:
+    """The controller and the round API server in front of it.
+
+    :meth:`restart` stops both and starts a new controller from the state the
+    old one wrote, behind a new server on the same port: the FL server keeps
+    its URL, and the routes stay as they are.
+    """
+
+    def __init__(self, make_controller: Callable[[], Controller], token: str) -> None:
+        self._make_controller = make_controller
+        self._token = token
+        self.controller = make_controller()
+        self._server = RoundAPIServer(self.controller, token=token).start()
+        self.restarts = 0
+
+    @property
+    def url(self) -> str:
+        return self._server.url
+
+    def restart(self) -> None:
+        port = int(self._server.url.rsplit(":", 1)[1])
+        self._server.stop()
+        self.controller = self._make_controller()
+        self._server = RoundAPIServer(
+            self.controller, port=port, token=self._token
+        ).start()
+        self.restarts += 1
+
+    def stop(self) -> None:
+        self._server.stop()
+
+
 class RoundTracker:
     """Follows each round through the grid: Envoy's counts, times, metrics."""
 
@@ -145,33 +195,48 @@ class RoundTracker:
         self,
         api: RoundAPIClient,
         stats: EnvoyStatsSource,
-        controller: Controller,
+        host: ControllerHost,
         time_scale: float,
         on_round: Callable[[report.RoundReport], None],
+        injector: faults.FaultInjector,
     ) -> None:
         self._api = api
         self._stats = stats
-        self._controller = controller
+        self._host = host
         self._time_scale = time_scale
         self._on_round = on_round
+        self._injector = injector
         self._started = time.monotonic()
         self._emulated_s = 0.0
         self._current: dict = {}
         self.rounds: list[report.RoundReport] = []
+        # The controller's record of each round as it was armed: a controller
+        # restarted later recovers its rounds without their telemetry.
+        self.records: list[RoundRecord] = []
         self.server_round = 0  # the round being armed or run
 
     def arm(self, server_round: int) -> ArmedRound:
         self.server_round = server_round
         round_started = time.monotonic()
         armed = self._api.arm(server_round)
+        controller = self._host.controller
+        record = next(
+            r for r in reversed(controller.records) if r.server_round == server_round
+        )
         self._current = {
             "armed": armed,
+            "record": record,
+            "assignment": dict(controller.assignment(server_round)),
             "started": round_started,
             "before": self._stats.snapshot(),
         }
+        self._injector.armed(server_round, record.selected)
         return armed
 
     def report(self, server_round: int, outcomes: list[SlotOutcome]) -> None:
+        # A restart of this round is over before Envoy is read or the controller
+        # hears of the outcomes.
+        self._injector.settle(server_round)
         after = self._stats.snapshot()
         self._current["served_by"] = self._stats.served_by(
             self._current["before"], after
@@ -184,13 +249,10 @@ class RoundTracker:
         if server_round == 0 or not self._current:
             return
         current, self._current = self._current, {}
-        assignment = self._controller.assignment(server_round)
+        assignment, record = current["assignment"], current["record"]
         round_emulated = self._round_emulated_s(current["outcomes"])
         self._emulated_s += round_emulated
         now = time.monotonic()
-        record = next(
-            r for r in self._controller.records if r.server_round == server_round
-        )
         entry = report.RoundReport(
             round=server_round,
             selected=list(record.selected),
@@ -211,13 +273,15 @@ class RoundTracker:
             scores={c: round(v, 4) for c, v in sorted(record.scores.items())},
         )
         self.rounds.append(entry)
-        self._controller.metrics.round_evaluated(
+        self.records.append(record)
+        self._host.controller.metrics.round_evaluated(
             server_round,
             entry.metrics,
             round_s=entry.round_wall_s,
             slot_statuses=[o.status for o in current["outcomes"]],
         )
         self._on_round(entry)
+        self._injector.evaluated(server_round)
 
     def _round_emulated_s(self, outcomes: list[SlotOutcome]) -> float:
         """A synchronous round lasts as long as its slowest slot."""
@@ -235,6 +299,7 @@ def client_specs(
 ) -> list[ClientSpec]:
     """One client service per shard, with its device and its fault schedule."""
     plans = client_schedules(settings, devices)
+    fault_list = settings.fault_list()
     specs = []
     for index, (path, device) in enumerate(zip(shard_paths, devices, strict=True)):
         specs.append(
@@ -249,6 +314,11 @@ def client_specs(
                     "time-scale": settings.time_scale,
                     "seed": settings.seed * 1000 + index,
                     **plans[index].node_config(),
+                    **faults.node_config(
+                        fault_list,
+                        protocol.client_id(index),
+                        oversized_bytes=2 * MAX_REPLY_BYTES,
+                    ),
                 },
             )
         )
@@ -278,6 +348,7 @@ POOL_FIELDS = (
     "failing_clients",
     "fail_rate",
     "scenario",
+    "faults",
 )
 
 
@@ -406,7 +477,11 @@ def run(
             pool = stack.enter_context(client_pool(settings, work_dir))
         fed, workloads = pool.fed, pool.workloads
         mesh = stack.enter_context(
-            LocalMesh(work_dir=work_dir / "envoy", routing_dir=work_dir / "routing")
+            LocalMesh(
+                work_dir=work_dir / "envoy",
+                routing_dir=work_dir / "routing",
+                workloads=workloads.workloads,
+            )
         )
         # Prometheus scrapes first about 5 s after it starts: start it while
         # the client services load.
@@ -414,7 +489,8 @@ def run(
         ready_s = workloads.wait_ready()
         log.info("%d client services ready in %.1fs", len(workloads.workloads), ready_s)
 
-        # The controller, reached by the server through its round API.
+        # The controller, reached by the server through its round API.  It
+        # writes its state beside the routes, so that a new one takes over.
         policy, document = policies.resolve(settings.policy)
         window_s = (document and document.telemetry_window_s) or settings.window_s
         stats = EnvoyStatsSource(mesh.admin_url)
@@ -423,35 +499,57 @@ def run(
             work_dir / "routing",
             on_change=lambda kind, obj: _push(mesh, kind, obj, workloads),
         )
-        controller = Controller(
-            clients=[protocol.client_id(i) for i in range(settings.clients)],
-            policy=policy,
-            telemetry=prometheus or stats,
-            backend=backend,
-            wait=lambda step: _wait_served(mesh, step),
-            # The tracker exists by the time the controller asks who is ready.
-            ready=lambda: pool.ready(tracker.server_round),
-            window_s=window_s,
-            seed=settings.seed,
-        )
+
+        def make_controller() -> Controller:
+            return Controller(
+                clients=[protocol.client_id(i) for i in range(settings.clients)],
+                policy=policy,
+                telemetry=prometheus or stats,
+                backend=backend,
+                wait=lambda step: _wait_served(mesh, step),
+                # The tracker exists by the time the controller asks who is ready.
+                ready=lambda: pool.ready(tracker.server_round),
+                window_s=window_s,
+                seed=settings.seed,
+                state_path=work_dir / "controller" / STATE_FILE,
+            )
+
+        # A run starts afresh: the state of an earlier run in the same work
+        # directory is not this run's.  Only a restart within the run reads it.
+        (work_dir / "controller" / STATE_FILE).unlink(missing_ok=True)
         # A fresh round API token per run: only this run's FL server may arm.
         token = secrets.token_urlsafe(32)
-        api_server = RoundAPIServer(controller, token=token).start()
-        stack.callback(api_server.stop)
+        host = ControllerHost(make_controller, token)
+        stack.callback(host.stop)
         if prometheus is not None:
             localprom.write_targets(
                 work_dir / "prometheus" / "targets",
-                controller=api_server.url.removeprefix("http://"),
+                controller=host.url.removeprefix("http://"),
             )
-        api = RoundAPIClient(api_server.url, per_round=settings.per_round, token=token)
+        api = RoundAPIClient(host.url, per_round=settings.per_round, token=token)
         stack.callback(api.close)
 
-        tracker = RoundTracker(api, stats, controller, settings.time_scale, on_round)
+        deadline_wall_s = settings.deadline_s * settings.time_scale
+        injector = faults.FaultInjector(
+            settings.fault_list(),
+            faults.FaultActions(
+                kill_client=workloads.kill,
+                restart_client=workloads.restart,
+                restart_envoy=mesh.restart,
+                restart_controller=host.restart,
+            ),
+            mid_round_s=deadline_wall_s / 4,
+        )
+        stack.callback(injector.close)
+        tracker = RoundTracker(
+            api, stats, host, settings.time_scale, on_round, injector
+        )
         grid = MeshGrid(
             mesh_url=mesh.listen_url,
             arm=tracker.arm,
             report=tracker.report,
-            deadline_s=settings.deadline_s * settings.time_scale,
+            deadline_s=deadline_wall_s,
+            max_reply_bytes=MAX_REPLY_BYTES,
         )
         stack.callback(grid.close)
         server_app.run(
@@ -474,9 +572,16 @@ def run(
             "prometheus_url": prometheus.url if prometheus else None,
             "rounds": [
                 {"round": r.server_round, "clients": score.rows(r.telemetry)}
-                for r in controller.records
+                for r in tracker.records
             ],
         }
+        if injector.faults:
+            result["faults"] = {
+                "spec": settings.faults,
+                "events": list(injector.events),
+                "controller_restarts": host.restarts,
+                "envoy_pid": mesh.pid,
+            }
         return result
 
 

@@ -122,6 +122,18 @@ def markdown(report: dict) -> str:
             f"| {m.get('auroc', float('nan')):.4f} | {m.get('f1', float('nan')):.4f} "
             f"| {m.get('accuracy', float('nan')):.4f} |"
         )
+    failed = [
+        (r["round"], c, why) for r in report["rounds"] for c, why in r["failed"].items()
+    ]
+    if failed:
+        lines += ["", "Failed slots:", ""]
+        lines += [f"- round {n}, {client}: {why}" for n, client, why in failed]
+    if "faults" in report:
+        lines += ["", f"Faults injected (`--faults {report['faults']['spec']}`):", ""]
+        lines += [
+            f"- {e['at_s']:.1f} s, {e['fault']}: {e['what']}"
+            for e in report["faults"]["events"]
+        ]
     return "\n".join(lines) + "\n"
 
 

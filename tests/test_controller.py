@@ -272,6 +272,7 @@ def test_a_plan_that_fails_after_the_routes_switched_runs_on_the_live_routes(
         if name.startswith("meshctl-slot-")
     }
     vs = yaml.safe_load((routing_dir / "virtualservice.yaml").read_text())
-    assert armed.routing_version == vs["metadata"]["annotations"][
-        protocol.ROUTING_VERSION_ANNOTATION
-    ]
+    assert (
+        armed.routing_version
+        == vs["metadata"]["annotations"][protocol.ROUTING_VERSION_ANNOTATION]
+    )

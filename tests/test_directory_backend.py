@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from meshctl import files
 from meshctl.backends import directory
 from meshctl.routing import plan, render
 from meshctl.routing.errors import RoutingError
@@ -80,7 +81,7 @@ def test_a_write_replaces_the_file_by_rename_and_leaves_no_temporary_file(
     replaced = []
     real_replace = os.replace
     monkeypatch.setattr(
-        directory.os,
+        files.os,
         "replace",
         lambda a, b: (replaced.append((a, b)), real_replace(a, b)),
     )

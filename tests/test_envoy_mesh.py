@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import math
 import os
+import time
 from collections.abc import Callable
 
 import httpx
@@ -167,6 +169,32 @@ def test_a_restarted_envoy_serves_the_routing_directory(mesh: LocalMesh) -> None
     assert mesh.served_versions() == {"clusters": "v7", "routes": "v7"}
     assert send(mesh, slot=1).text == "c-02"
     assert send(mesh, slot=2).text == "c-01"
+
+
+def test_a_killed_envoy_comes_back_with_the_routes_it_served(
+    local_mesh: Callable[..., LocalMesh], http_backends: Callable[..., Backend]
+) -> None:
+    slow = http_backends("c-00", delay_s=2.0)
+    fast = http_backends("c-01")
+    mesh = local_mesh([slow.workload, fast.workload])
+    vs = virtual_service("v3", *slots({1: "c-00", 2: "c-01"}))
+    dr = destination_rule("v3", "c-00", "c-01")
+    # As the controller's directory backend does: the files, then the mesh.
+    (mesh.routing_dir / envoy.VIRTUAL_SERVICE_FILE).write_text(yaml.safe_dump(vs))
+    (mesh.routing_dir / envoy.DESTINATION_RULE_FILE).write_text(yaml.safe_dump(dr))
+    mesh.sync(vs, dr)
+    first_pid = mesh.pid
+    in_flight = concurrent.futures.ThreadPoolExecutor(1).submit(send, mesh, 1)
+    time.sleep(0.5)  # the request waits on the slow client
+
+    mesh.restart()
+
+    with pytest.raises(httpx.HTTPError):  # what was in flight is lost
+        in_flight.result(timeout=10)
+    assert mesh.pid != first_pid
+    assert mesh.served_versions() == {"clusters": "v3", "routes": "v3"}
+    assert send(mesh, slot=2).text == "c-01"
+    assert send(mesh, slot=1).text == "c-00"
 
 
 def test_a_restart_with_a_bad_routing_directory_keeps_the_last_routes(

@@ -137,6 +137,82 @@ envoy_cluster_upstream_rq_time_count{envoy_cluster_name="outbound|80|c-04|fl-cli
     }
 
 
+def envoy_text(*clients: str, total: int = 7) -> str:
+    """Envoy's own lines for ``clients``: totals (and a per-code one), classes,
+    latency buckets and counts."""
+    lines = []
+    for client in clients:
+        name = f'envoy_cluster_name="outbound|80|{client}|fl-clients"'
+        lines += [
+            f"envoy_cluster_upstream_rq_total{{{name}}} {total}",
+            f'envoy_cluster_upstream_rq_total{{envoy_response_code="200",{name}}} 6',
+            f'envoy_cluster_upstream_rq_xx{{envoy_response_code_class="2",{name}}} '
+            f"{total - total // 7}",
+            f'envoy_cluster_upstream_rq_xx{{envoy_response_code_class="5",{name}}} '
+            f"{total // 7}",
+            f'envoy_cluster_upstream_rq_time_bucket{{{name},le="5"}} {total * 3 // 7}',
+            f'envoy_cluster_upstream_rq_time_bucket{{{name},le="+Inf"}} {total}',
+            f"envoy_cluster_upstream_rq_time_count{{{name}}} {total}",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def test_envoys_own_lines_give_every_subsets_counters() -> None:
+    parsed = envoystats.parse_prometheus(envoy_text("c-06", "c-07"))
+
+    assert parsed == {
+        client: ClientCounters(
+            requests_total=7,
+            responses_by_class={"2": 6, "5": 1},
+            latency_buckets=((5.0, 3), (float("inf"), 7)),
+            latency_count=7,
+        )
+        for client in ("c-06", "c-07")
+    }
+
+
+@pytest.mark.parametrize(
+    "odd_line",
+    [
+        pytest.param(
+            'envoy_cluster_upstream_rq_total{envoy_cluster_name="outbound|80|c-09'
+            '|fl-clients"} 9 1700000000000',
+            id="timestamp",
+        ),
+        pytest.param(
+            'envoy_cluster_upstream_rq_total{note="a \\"quoted\\" word",'
+            'envoy_cluster_name="outbound|80|c-09|fl-clients"} 9',
+            id="escaped-label",
+        ),
+        pytest.param(
+            'envoy_cluster_upstream_rq_total{envoy_cluster_name="outbound|80|c-09'
+            '|fl-clients"}\t9',
+            id="tab",
+        ),
+    ],
+)
+def test_a_line_of_another_shape_is_read_as_any_exposition_line(odd_line) -> None:
+    text = envoy_text("c-08") + odd_line + "\n"
+
+    parsed = envoystats.parse_prometheus(text)
+
+    assert parsed["c-09"] == ClientCounters(requests_total=9)
+    assert parsed["c-08"] == envoystats.parse_prometheus(envoy_text("c-08"))["c-08"]
+
+
+def test_a_restarted_envoy_counts_from_zero_again() -> None:
+    older = Snapshot(0.0, envoystats.parse_prometheus(envoy_text("c-10", total=70)))
+    newer = Snapshot(10.0, envoystats.parse_prometheus(envoy_text("c-10", total=7)))
+
+    telemetry = envoystats.window(older, newer)["c-10"]
+
+    # Every counter went down: the newer values are the increase.
+    assert envoystats.served_by(older, newer) == {"c-10": 7}
+    assert telemetry.requests == 7
+    assert telemetry.error_ratio == pytest.approx(1 / 7)
+    assert telemetry.latency_p95_ms == 5.0
+
+
 # ----------------------------------------------------------------- real Envoy
 
 
@@ -271,3 +347,19 @@ def test_reads_further_apart_than_the_window_still_cover_the_traffic(
 
     assert telemetry["c-00"].requests == 3
     assert telemetry["c-00"].requests_per_s is not None
+
+
+@pytest.mark.envoy
+def test_envoys_own_stats_text_is_read_in_one_pass(traffic_mesh: LocalMesh) -> None:
+    source = EnvoyStatsSource(traffic_mesh.admin_url)
+    _send(traffic_mesh, {1: 3, 2: 2})
+    time.sleep(STATS_FLUSH_INTERVAL_S * 1.5)
+
+    text = source._fetch()
+    source.close()
+
+    # Every line has Envoy's own shape: the text is never read line by line.
+    one_pass = envoystats._envoy_lines(text, protocol.SERVICE_HOST)
+    assert one_pass is not None
+    assert one_pass == envoystats._any_lines(text, protocol.SERVICE_HOST)
+    assert envoystats.parse_prometheus(text)["c-00"].requests_total == 3

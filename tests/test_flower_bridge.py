@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -140,6 +141,55 @@ def test_an_oversized_reply_is_rejected(service_url) -> None:
     assert reply.has_error() and "exceeds 64" in reply.error.reason
     assert recorder.reports[0][1][0].status == "error"
     mesh_grid.close()
+
+
+class EndlessReply(BaseHTTPRequestHandler):
+    """Answers every POST with a chunked body and no content-length."""
+
+    protocol_version = "HTTP/1.1"
+    sent_bytes = 0
+
+    def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
+        self.rfile.read(int(self.headers["content-length"]))
+        self.send_response(200)
+        self.send_header("transfer-encoding", "chunked")
+        self.end_headers()
+        chunk = b"x" * 65536
+        try:
+            for _ in range(1024):  # 64 MiB, unless the reader hangs up first
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                type(self).sent_bytes += len(chunk)
+            self.wfile.write(b"0\r\n\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        pass
+
+
+def test_a_reply_without_a_length_is_cut_off_at_the_limit() -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), EndlessReply)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    recorder = Recorder((1,))
+    mesh_grid = grid.MeshGrid(
+        mesh_url=f"http://127.0.0.1:{server.server_address[1]}",
+        arm=recorder.arm,
+        report=recorder.report,
+        deadline_s=10.0,
+        max_reply_bytes=1_000_000,
+    )
+    try:
+        list(mesh_grid.get_node_ids())
+        [reply] = mesh_grid.send_and_receive([_train_message(mesh_grid, 1)])
+    finally:
+        mesh_grid.close()
+        server.shutdown()
+        server.server_close()
+
+    assert reply.has_error()
+    assert "reply of more than 1000000 bytes" in reply.error.reason
+    # The grid hung up long before the 64 MiB were written.
+    assert EndlessReply.sent_bytes < 32 * 1024 * 1024
 
 
 def test_a_late_client_times_out_at_the_deadline(service_url) -> None:

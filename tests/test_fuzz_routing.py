@@ -93,6 +93,7 @@ def _check_problems(objs: list, schemas: dict | None) -> None:
 @example(objs=[{"kind": "DestinationRule", "spec": {"host": "h", "subsets": 5}}])
 @example(objs=[{"kind": "VirtualService", "spec": {"hosts": ["h"], "http": 5}}])
 @example(objs=[{"kind": "VirtualService", "spec": {"http": [{"match": 1}]}}])
+@example(objs=[{"kind": "VirtualService", "spec": {"http": [{"name": []}]}}])
 @example(
     objs=[
         {"kind": "VirtualService", "spec": {"http": [{"route": [{"destination": 1}]}]}}

@@ -8,6 +8,7 @@ every figure is known exactly.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import math
 import time
@@ -353,3 +354,101 @@ def test_the_state_never_rests_on_a_value_that_is_not_a_number(values, state) ->
         telemetry.mesh_failures_per_s,
     ]
     assert all(v is None or math.isfinite(v) for v in numbers)
+
+
+# ------------------------------------------------- many clients in one pass
+
+
+def test_rows_for_many_clients_are_what_each_client_gets_alone() -> None:
+    odd = [math.nan, math.inf, -math.inf, -1.0, 0.0, 2.5, 1e308]
+    figures = {
+        name: {
+            f"c-{i:02d}": odd[(i + shift) % len(odd)]
+            for i in range(40)
+            if (i + shift) % 5  # some clients miss some figures
+        }
+        for shift, name in enumerate(promsource.FIGURES)
+    }
+
+    rows = promsource.client_rows(figures, 60.0)
+
+    alone = {
+        client: promsource.client_telemetry(
+            client,
+            {n: v[client] for n, v in figures.items() if client in v},
+            60.0,
+        )
+        for client in sorted({c for v in figures.values() for c in v})
+    }
+    assert list(rows) == list(alone)
+    assert rows == alone
+    # Built without the generated __init__, and still the same object.
+    for row in rows.values():
+        assert row == PrometheusTelemetry(**vars(row))
+        assert type(row) is PrometheusTelemetry
+
+
+@pytest.mark.parametrize(
+    "result",
+    [
+        pytest.param([{"metric": {"pod": "c-00"}, "value": [1e9, "0.5"]}], id="plain"),
+        pytest.param(
+            [
+                {"metric": {"pod": "c-00", "le": "+Inf"}, "value": [1e9, "NaN"]},
+                {"metric": {"pod": "c-01"}, "value": [1e9, "+Inf"]},
+                {"metric": {"pod": "c-02"}, "value": [1e9, "-Inf"]},
+            ],
+            id="nan-inf-and-other-labels",
+        ),
+        pytest.param(
+            [
+                {"metric": {"job": "fl"}, "value": [1e9, "1"]},
+                {"metric": {"pod": ""}, "value": [1e9, "1"]},
+                {"metric": {"pod": "c-03"}, "value": [1e9, "2"]},
+            ],
+            id="series-naming-no-client",
+        ),
+        pytest.param(
+            [{"metric": {"pod": "c-04"}, "value": [1e9, " 1_0"]}],
+            id="what-float-reads",
+        ),
+    ],
+)
+def test_the_typed_and_the_general_reading_of_an_answer_agree(result) -> None:
+    body = json.dumps({"status": "success", "data": {"result": result}}).encode()
+    reader = PrometheusSource("http://127.0.0.1:9")  # no request is made
+
+    general = reader._read_vector(body, "pod", "test")
+    typed = promsource._decode_vector(body, "pod")
+
+    assert typed is None or (list(typed) == list(general) and _same(typed, general))
+    assert all(c.startswith("c-") for c in general)  # the others name no client
+
+
+def _same(a: dict[str, float], b: dict[str, float]) -> bool:
+    return all(
+        a[k] == b[k] or (math.isnan(a[k]) and math.isnan(b[k])) for k in a
+    ) and set(a) == set(b)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        pytest.param(b"<html>proxy error</html>", "cannot read", id="not-json"),
+        pytest.param(b'{"data": {"result": {}}}', "instant vector", id="not-list"),
+        pytest.param(
+            b'{"data": {"result": [{"metric": {"pod": "c-00"}, "value": [1, 2]}]}}',
+            "sample value 2 is not a string for pod 'c-00' in the test query",
+            id="number-value",
+        ),
+    ],
+)
+def test_an_answer_the_typed_decoder_refuses_is_named_by_the_general_reading(
+    body, message
+) -> None:
+    reader = PrometheusSource("http://127.0.0.1:9")
+
+    assert promsource._decode_vector(body, "pod") is None
+    with pytest.raises(promsource.PrometheusError, match=message) as caught:
+        reader._read_vector(body, "pod", "test")
+    assert caught.value.kind == "bad_response"

@@ -15,14 +15,13 @@ import contextlib
 import copy
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from meshctl.files import atomic_write
 from meshctl.routing import plan, render, validate
 from meshctl.routing.errors import RoutingError
 from meshctl.routing.plan import Step
@@ -82,7 +81,7 @@ class DirectoryBackend:
         self._check(intended, kind, path)
         previous = path.read_bytes() if path.exists() else None
 
-        _atomic_write(path, _dump(intended))
+        atomic_write(path, _dump(intended))
         try:
             self._verify(path, intended)
             if self._on_change is not None:
@@ -177,37 +176,10 @@ def _dump(obj: dict) -> bytes:
     return text.encode("utf-8")
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write through a temporary file in the same directory and rename it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make the rename durable where the platform allows it."""
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def _restore(path: Path, previous: bytes | None) -> None:
     """Put the previous file back, or remove the file if there was none."""
     if previous is None:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
     else:
-        _atomic_write(path, previous)
+        atomic_write(path, previous)

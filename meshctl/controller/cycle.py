@@ -6,6 +6,13 @@ applies them in make-before-break order through the backend, waiting for the
 data plane after each step.  It answers with the slots only once the final
 routes are served.  Feedback from the server on each slot is kept, under the
 client's name, for the policy's next decision.
+
+With a ``state_path`` the controller survives a restart: after each armed
+round and each round's feedback it saves its state (see
+:mod:`meshctl.controller.state`), and a new controller on the same file takes
+it up without writing any route: the data plane serves the last routes
+throughout, feedback for the round armed before the restart is put under the
+right clients, and the next round plans from the live objects.
 """
 
 from __future__ import annotations
@@ -20,14 +27,16 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
+from meshctl.controller import state
 from meshctl.controller.metrics import ControllerMetrics
 from meshctl.policies import Policy, Selection, SelectionInput
 from meshctl.protocol import ROUTING_VERSION_ANNOTATION
 from meshctl.routing import plan, render, validate
 from meshctl.routing.errors import RoutingError
-from meshctl.routing.hysteresis import Decision, Hysteresis
+from meshctl.routing.hysteresis import Decision, Hysteresis, HysteresisState
 from meshctl.types import ArmedRound, ClientFeedback, ClientTelemetry, SlotOutcome
 
 log = logging.getLogger("meshctl.controller")
@@ -77,6 +86,13 @@ class Controller:
     put under a client's name and is ignored).  ``hysteresis`` holds the live
     selection against small or too frequent changes; ``budget_bytes`` caps the
     size of each rendered object.
+
+    ``state_path`` names the state file the controller saves after each arm
+    and each feedback, and recovers from when it exists.  A file that cannot be
+    used raises :class:`~meshctl.controller.state.ControllerStateError` (the
+    controller refuses to start); with ``discard_bad_state`` the file is set
+    aside, a warning says so, and the controller starts fresh.  Each client
+    keeps its last ``history_limit`` feedback outcomes, in memory and on file.
     """
 
     def __init__(
@@ -97,6 +113,9 @@ class Controller:
         telemetry_retry_s: tuple[float, float] = (5.0, 300.0),
         clock: Callable[[], float] = time.monotonic,
         metrics: ControllerMetrics | None = None,
+        state_path: str | Path | None = None,
+        discard_bad_state: bool = False,
+        history_limit: int = state.DEFAULT_HISTORY_LIMIT,
     ) -> None:
         if mode not in ("exact", "weighted"):
             raise ValueError(f"mode is 'exact' or 'weighted', not {mode!r}")
@@ -122,6 +141,21 @@ class Controller:
         self._history: dict[str, list[ClientFeedback]] = defaultdict(list)
         self._slots: dict[int, dict[int, str]] = {}
         self.records: list[RoundRecord] = []
+        if history_limit < 1:
+            raise ValueError(f"history_limit must be >= 1, not {history_limit}")
+        self._history_limit = history_limit
+        self._store = state.StateStore(state_path) if state_path is not None else None
+        self._save_policy_memory = True
+        # Set when a restart found live routes other than the saved ones: the
+        # last round's routes cannot be kept blindly until a round is applied.
+        self._routes_unknown = False
+        if self._store is not None:
+            self._recover(self._store, discard_bad_state)
+
+    @property
+    def state_path(self) -> Path | None:
+        """The state file, or None when the controller keeps no state."""
+        return self._store.path if self._store is not None else None
 
     def arm(self, server_round: int, per_round: int) -> ArmedRound:
         """Choose the round's clients and route one slot to each of them."""
@@ -154,6 +188,7 @@ class Controller:
                 version = routing_version(server_round, assignment, weights)
                 version, waits = self._apply(assignment, weights, version, candidates)
                 self._hysteresis.commit(decision.clients, decision.weights)
+                self._routes_unknown = False
             except ArmError as exc:
                 self.metrics.failed("routing")
                 assignment, version = self._last_good(server_round, exc)
@@ -173,6 +208,7 @@ class Controller:
             )
             self.records.append(record)
             self.metrics.round_armed(record, self.clients)
+            self._save()
         log.info(
             "round %d: routed %s (policy %s, %s, routing version %s, %.0f ms)",
             server_round,
@@ -255,13 +291,194 @@ class Controller:
                     )
                     continue
                 item = ClientFeedback(client=client, outcome=outcome)
-                self._history[client].append(item)
+                history = self._history[client]
+                history.append(item)
+                del history[: -self._history_limit]
                 feedback.append(item)
+            self._save()
             return feedback
 
     def assignment(self, server_round: int) -> Mapping[int, str]:
         """The slot-to-client map of an armed round."""
         return dict(self._slots.get(server_round, {}))
+
+    # -- the state file: save after each change, recover at start
+
+    def _save(self) -> None:
+        """Write the state file; a failed write is logged and the round goes on."""
+        if self._store is None:
+            return
+        kept = self.records[-state.DEFAULT_ROUNDS_KEPT :]
+        saved = state.ControllerState(
+            history={c: list(f) for c, f in self._history.items()},
+            slots={
+                r.server_round: dict(self._slots[r.server_round])
+                for r in kept
+                if r.server_round in self._slots
+            },
+            rounds=[_summary(r) for r in kept],
+            hysteresis=self._hysteresis.state(),
+            rng_state=self._rng.getstate(),
+            policy_name=self.policy.name,
+            policy_memory=self._policy_memory(),
+            saved_at_unix=time.time(),
+        )
+        try:
+            self._store.save(saved)
+        except (OSError, TypeError, ValueError) as exc:  # the round itself stands
+            last = f"round {kept[-1].server_round}" if kept else "the feedback"
+            log.error(
+                "cannot write the controller state to %s (%s); the controller goes "
+                "on, but a restart now would not know %s",
+                self._store.path,
+                exc,
+                last,
+            )
+
+    def _policy_memory(self) -> dict | None:
+        """The policy's learnt attributes as JSON data, or None if unsavable."""
+        if not self._save_policy_memory:
+            return None
+        try:
+            return state.policy_memory(self.policy)
+        except state.PolicyMemoryMismatch as exc:
+            self._save_policy_memory = False
+            log.warning(
+                "policy %s: what it learnt cannot be saved (%s); after a restart it "
+                "relearns from the feedback history",
+                self.policy.name,
+                exc,
+            )
+            return None
+
+    def _recover(self, store: state.StateStore, discard_bad_state: bool) -> None:
+        """Take up the saved state, if any, then check it against the live routes."""
+        try:
+            saved = store.load()
+            if saved is not None:
+                self._restore(saved, store.path)
+        except state.ControllerStateError as exc:
+            if not discard_bad_state:
+                raise
+            aside = store.set_aside()
+            log.warning(
+                "%s; the file is set aside as %s and the controller starts fresh: "
+                "the policy relearns, and feedback of the round in flight is dropped",
+                exc,
+                aside,
+            )
+            return
+        if saved is None:
+            log.info("no controller state at %s yet: starting fresh", store.path)
+            return
+        self._check_live_routes()
+
+    def _restore(self, saved: state.ControllerState, path: Path) -> None:
+        """Put the saved state in place; nothing changes if the state is bad."""
+        memory_note = self._restore_policy_memory(saved, path)
+        self._history = defaultdict(
+            list, {c: list(f)[-self._history_limit :] for c, f in saved.history.items()}
+        )
+        self._slots = {r: dict(slots) for r, slots in saved.slots.items()}
+        self.records = [_record(summary) for summary in saved.rounds]
+        downtime_s = max(0.0, time.time() - saved.saved_at_unix)
+        hysteresis = saved.hysteresis
+        if hysteresis.age_s is not None:
+            age_s = hysteresis.age_s + downtime_s
+            hysteresis = dataclasses.replace(hysteresis, age_s=age_s)
+        self._hysteresis.restore(hysteresis)
+        self._rng.setstate(saved.rng_state)
+        log.info(
+            "recovered the controller state from %s: %d rounds (last %s), feedback "
+            "of %d clients, %s",
+            path,
+            len(self.records),
+            self.records[-1].server_round if self.records else "none",
+            len(self._history),
+            memory_note,
+        )
+
+    def _restore_policy_memory(self, saved: state.ControllerState, path: Path) -> str:
+        """Restore what the policy learnt; what happened, for the log line."""
+        if saved.policy_memory is None:
+            return "no policy memory saved"
+        if saved.policy_name != self.policy.name:
+            log.warning(
+                "%s was saved with policy %s; policy %s starts without memory and "
+                "learns from the feedback history",
+                path,
+                saved.policy_name,
+                self.policy.name,
+            )
+            return "policy memory left out"
+        try:
+            state.restore_policy_memory(self.policy, saved.policy_memory, path)
+        except state.PolicyMemoryMismatch as exc:
+            log.warning(
+                "%s: the saved memory of policy %s does not fit it (%s); it "
+                "relearns from the feedback history",
+                path,
+                self.policy.name,
+                exc,
+            )
+            return "policy memory left out"
+        return f"policy {self.policy.name} memory restored"
+
+    def _check_live_routes(self) -> None:
+        """Compare the live VirtualService with the last round; the live one wins.
+
+        When they differ (routes applied by hand, or a crash between an apply
+        and its save), the next round plans from the live routes and holds
+        them against the hysteresis; it does not keep them blindly without
+        telemetry.  Feedback of the saved round still goes to the clients the
+        round was armed with.
+        """
+        if not self.records:
+            return
+        last = self.records[-1]
+        try:
+            live_vs, _ = self._backend.read()
+        except Exception as exc:  # the next round reads the live objects again
+            log.warning(
+                "cannot read the live routes to check the recovered round %d (%s); "
+                "the next round plans from what it reads then",
+                last.server_round,
+                exc,
+            )
+            return
+        slots, weights = render.routed_clients(live_vs)
+        annotations = ((live_vs or {}).get("metadata") or {}).get("annotations") or {}
+        version = str(annotations.get(ROUTING_VERSION_ANNOTATION, "unversioned"))
+        positive = {c: w for c, w in weights.items() if w > 0}
+        if self.mode == "exact":
+            agrees = slots == self._slots.get(last.server_round)
+        else:
+            agrees = positive == {c: w for c, w in last.weights.items() if w > 0}
+        if agrees and version == last.routing_version:
+            log.info(
+                "round %d: the live routes serve routing version %s, as saved",
+                last.server_round,
+                version,
+            )
+            return
+        self._routes_unknown = True
+        live = tuple(client for _, client in sorted(slots.items())) or tuple(
+            sorted(positive)
+        )
+        if live:
+            self._hysteresis.restore(HysteresisState(live, positive or None, 0.0))
+            now = f"moved on to routing version {version} ({', '.join(live)})"
+        else:
+            self._hysteresis.restore(HysteresisState(None, None, None))
+            now = "hold no meshctl route"
+        log.warning(
+            "round %d was saved with routing version %s, but the live routes %s; "
+            "the live routes win: the next round plans from them (its feedback "
+            "still goes to the clients it was armed with)",
+            last.server_round,
+            last.routing_version,
+            now,
+        )
 
     def _read_telemetry(self) -> Mapping[str, ClientTelemetry] | None:
         """The window's telemetry, or None while the source fails or backs off."""
@@ -302,7 +519,9 @@ class Controller:
 
     def _last_routes_ready(self, ready: Collection[str]) -> bool:
         """True when a round was armed and every client it routes is still ready."""
-        return bool(self.records) and set(self.records[-1].selected) <= set(ready)
+        if not self.records or self._routes_unknown:
+            return False
+        return set(self.records[-1].selected) <= set(ready)
 
     def _keep_last_routes(self, server_round: int, started: float) -> ArmedRound:
         """Arm the round on the live routes: without telemetry, nothing is chosen."""
@@ -319,6 +538,7 @@ class Controller:
         )
         self.records.append(record)
         self.metrics.round_armed(record, self.clients)
+        self._save()
         log.warning(
             "round %d: no telemetry; the round runs on routing version %s (%s)",
             server_round,
@@ -366,6 +586,29 @@ class Controller:
                 "the last good routes stay in place"
             ) from exc
         return version, waits
+
+
+def _summary(record: RoundRecord) -> state.RoundSummary:
+    """What the state file keeps of a round."""
+    return state.RoundSummary(
+        server_round=record.server_round,
+        selected=record.selected,
+        routing_version=record.routing_version,
+        weights=dict(record.weights),
+        routing_note=record.routing_note,
+    )
+
+
+def _record(summary: state.RoundSummary) -> RoundRecord:
+    """A recovered round: what was decided, without what it was decided from."""
+    return RoundRecord(
+        server_round=summary.server_round,
+        selected=summary.selected,
+        routing_version=summary.routing_version,
+        apply_s=0.0,
+        weights=dict(summary.weights),
+        routing_note=summary.routing_note,
+    )
 
 
 def _report_invalid(live_vs: dict | None, live_dr: dict | None) -> None:

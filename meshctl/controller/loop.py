@@ -15,6 +15,11 @@ reverting goes on (more than ``reassert_limit`` re-asserts within
 ``reassert_window_s``), the controller backs off, doubling the delay up to a
 limit, and posts a Warning Event on the object so that an operator sees who is
 fighting over it.
+
+With ``state_path`` the controller saves its state after each round and
+recovers it at start (see :mod:`meshctl.controller.state`): a restarted pod
+puts the feedback of the round in flight under the right clients and writes
+no route until the next round.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 from meshctl.backends import cluster
 from meshctl.controller import metrics as metrics_text
@@ -68,6 +74,9 @@ class LoopSettings:
     reassert_window_s: float = 60.0
     backoff_s: tuple[float, float] = (10.0, 300.0)
     retry_s: tuple[float, float] = (1.0, 30.0)
+    # The controller's state file (on a volume that survives the pod); None
+    # keeps no state, and a restart starts fresh.
+    state_path: Path | None = None
 
 
 def parse_address(text: str | None) -> tuple[str, int] | None:
@@ -246,6 +255,7 @@ class ControllerLoop:
             window_s=settings.window_s,
             namespace=backend.namespace,
             mode=settings.mode,
+            state_path=settings.state_path,
         )
         self.budget = ReassertBudget(
             settings.reassert_limit,

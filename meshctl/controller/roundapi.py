@@ -14,16 +14,23 @@ When the server has a token, both POST endpoints require it as
 without it; ``/healthz`` and ``/metrics`` stay open.  The token comes from
 ``MESHCTL_ROUND_API_TOKEN_FILE`` (a file, as a Kubernetes Secret mounts it) or
 ``MESHCTL_ROUND_API_TOKEN``; see :func:`token_from_environment`.
+
+Stopping the server also ends its kept-alive connections, once their call in
+progress is answered, so a server started again on the same port (over a
+restarted controller) gets every later call, never a stale connection.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hmac
 import json
 import logging
 import os
+import socket
 import threading
+import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -42,6 +49,8 @@ METRICS_PATH = "/metrics"
 MAX_BODY_BYTES = 1024 * 1024
 TOKEN_ENV = "MESHCTL_ROUND_API_TOKEN"
 TOKEN_FILE_ENV = "MESHCTL_ROUND_API_TOKEN_FILE"
+# How long ``stop`` waits for calls in progress before closing their sockets.
+STOP_GRACE_S = 5.0
 
 
 class RoundAPIError(RuntimeError):
@@ -123,6 +132,9 @@ class RoundAPIServer:
     ):
         self._controller = controller
         self._token = token
+        # Open connections, so that stop() can end the kept-alive ones.
+        self._connections: set[socket.socket] = set()
+        self._connections_changed = threading.Condition()
         self._server = ThreadingHTTPServer((host, port), self._handler())
         self._server.daemon_threads = True
         self._thread = threading.Thread(
@@ -139,8 +151,23 @@ class RoundAPIServer:
         return self
 
     def stop(self) -> None:
+        """Stop listening, then end the open connections.
+
+        A connection waiting for its next call is ended at once; one with a
+        call in progress is ended once answered (at most ``STOP_GRACE_S``).
+        """
         self._server.shutdown()
         self._server.server_close()
+        with self._connections_changed:
+            for connection in self._connections:
+                with contextlib.suppress(OSError):
+                    connection.shutdown(socket.SHUT_RD)
+            deadline = time.monotonic() + STOP_GRACE_S
+            while self._connections and time.monotonic() < deadline:
+                self._connections_changed.wait(deadline - time.monotonic())
+            for connection in self._connections:
+                with contextlib.suppress(OSError):
+                    connection.shutdown(socket.SHUT_RDWR)
 
     def _arm(self, body: dict) -> dict:
         armed = self._controller.arm(
@@ -165,9 +192,21 @@ class RoundAPIServer:
         routes = {ARM_PATH: self._arm, FEEDBACK_PATH: self._feedback}
         controller = self._controller
         token = self._token
+        connections, changed = self._connections, self._connections_changed
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+
+            def setup(self) -> None:
+                super().setup()
+                with changed:
+                    connections.add(self.connection)
+
+            def finish(self) -> None:
+                with changed:
+                    connections.discard(self.connection)
+                    changed.notify_all()
+                super().finish()
 
             def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
                 if self.path == METRICS_PATH:

@@ -171,25 +171,53 @@ class MeshGrid(Grid):
             protocol.ROUND_HEADER: str(self._server_round),
             protocol.DEADLINE_HEADER: str(int(remaining_s * 1000)),
         }
+        request = self._http.build_request(
+            "POST",
+            self._mesh_url,
+            content=internals.message_to_bytes(message),
+            headers=headers,
+            timeout=remaining_s,
+        )
         try:
-            response = self._http.post(
-                self._mesh_url,
-                content=internals.message_to_bytes(message),
-                headers=headers,
-                timeout=remaining_s,
-            )
+            status, body = self._send(request)
         except httpx.TimeoutException:
             return self._failed(message, started, "timeout", ERROR_TIMEOUT, "deadline")
         except httpx.HTTPError as exc:
             return self._failed(message, started, "error", ERROR_TRANSPORT, str(exc))
-        if response.status_code != 200:
-            reason = f"HTTP {response.status_code}: {response.text[:200].strip()}"
-            return self._failed(message, started, "error", ERROR_STATUS, reason)
+        except BadReply as exc:
+            return self._failed(message, started, "error", ERROR_BAD_REPLY, str(exc))
+        if status != 200:
+            text = body[:200].decode(errors="replace").strip()
+            return self._failed(
+                message, started, "error", ERROR_STATUS, f"HTTP {status}: {text}"
+            )
         try:
-            reply = _decode_reply(response.content, message, self._max_reply_bytes)
+            reply = _decode_reply(body, message, self._max_reply_bytes)
         except BadReply as exc:
             return self._failed(message, started, "error", ERROR_BAD_REPLY, str(exc))
         return reply, _outcome(self._server_round, message, reply, started)
+
+    def _send(self, request: httpx.Request) -> tuple[int, bytes]:
+        """Send ``request``; the status and the body, read no further than allowed.
+
+        A reply larger than ``max_reply_bytes`` is refused as soon as its
+        ``content-length`` or its bytes so far say so, and its connection is
+        dropped: a client cannot make the server hold more than that.
+        """
+        limit = self._max_reply_bytes
+        response = self._http.send(request, stream=True)
+        try:
+            declared = response.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > limit:
+                raise BadReply(f"reply of {int(declared)} bytes exceeds {limit}")
+            body = bytearray()
+            for chunk in response.iter_bytes():
+                body += chunk
+                if len(body) > limit:
+                    raise BadReply(f"reply of more than {limit} bytes exceeds {limit}")
+            return response.status_code, bytes(body)
+        finally:
+            response.close()
 
     def _with_slot_config(self, message: Message) -> Message:
         """Merge the slot's own training settings into a training message.

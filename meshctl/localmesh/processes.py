@@ -31,7 +31,12 @@ def _die_with_parent() -> None:
 
 
 def child_options() -> dict[str, Any]:
-    """Keyword arguments for ``subprocess.Popen`` that start a managed child."""
+    """Keyword arguments for ``subprocess.Popen`` that start a managed child.
+
+    The child is sent SIGTERM when the *thread* that started it ends (that is
+    how Linux's parent-death signal works), so start long-lived children from
+    a thread that lives as long as they should.
+    """
     preexec: Callable[[], None] | None = (
         _die_with_parent if sys.platform.startswith("linux") else None
     )

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,8 @@ from meshctl.localmesh import processes
 from meshctl.types import Workload
 
 log = logging.getLogger("meshctl.workloads")
+
+PROBE_THREADS = 16  # readiness probes in flight at once
 
 
 class WorkloadError(RuntimeError):
@@ -66,8 +69,14 @@ class LocalWorkloads:
         self._log_dir = Path(log_dir)
         self._host = host
         self._procs: dict[str, subprocess.Popen] = {}
+        self._specs: dict[str, ClientSpec] = {}
         self._workloads: dict[str, Workload] = {}
-        self._health = httpx.Client(timeout=1.0)
+        self._health = httpx.Client(
+            timeout=1.0, limits=httpx.Limits(max_connections=PROBE_THREADS)
+        )
+        self._probes = ThreadPoolExecutor(
+            max_workers=PROBE_THREADS, thread_name_prefix="probe"
+        )
 
     @property
     def workloads(self) -> list[Workload]:
@@ -79,8 +88,40 @@ class LocalWorkloads:
         for spec in specs:
             self._start_one(spec)
 
-    def _start_one(self, spec: ClientSpec) -> None:
-        port = free_port(self._host)
+    def kill(self, name: str) -> None:
+        """Kill one client service at once (SIGKILL), as a crash would."""
+        proc = self._process(name)
+        _signal(proc, signal.SIGKILL)
+        proc.wait()
+        log.warning("client service %s (pid %s) was killed", name, proc.pid)
+
+    def restart(self, name: str) -> None:
+        """Start a stopped or crashed client service again, on the same port.
+
+        As a kubelet restarts a container: the same spec and address, so the
+        routes that name it need no change.  Returns without waiting for
+        readiness; :meth:`ready` says when it answers again.
+        """
+        proc = self._process(name)
+        if proc.poll() is None:
+            raise WorkloadError(f"client service {name} still runs as pid {proc.pid}")
+        self._start_one(self._specs[name], port=self._workloads[name].port)
+        log.warning(
+            "client service %s restarted as pid %s", name, self._procs[name].pid
+        )
+
+    def alive(self, name: str) -> bool:
+        """True while the client service's process runs."""
+        return self._process(name).poll() is None
+
+    def _process(self, name: str) -> subprocess.Popen:
+        try:
+            return self._procs[name]
+        except KeyError:
+            raise WorkloadError(f"no client service named {name!r}") from None
+
+    def _start_one(self, spec: ClientSpec, port: int | None = None) -> None:
+        port = free_port(self._host) if port is None else port
         command = [
             sys.executable,
             "-m",
@@ -102,6 +143,7 @@ class LocalWorkloads:
                 env=env,
                 **processes.child_options(),
             )
+        self._specs[spec.name] = spec
         self._workloads[spec.name] = Workload(
             name=spec.name,
             address=self._host,
@@ -122,8 +164,7 @@ class LocalWorkloads:
                 if code is not None:
                     log_path = self._log_dir / f"{name}.log"
                     raise WorkloadError(
-                        f"client service {name} exited with code {code}; "
-                        f"see {log_path}"
+                        f"client service {name} exited with code {code}; see {log_path}"
                     )
             pending -= set(self.ready(sorted(pending)))
             if time.monotonic() - started > timeout_s:
@@ -136,9 +177,14 @@ class LocalWorkloads:
         return time.monotonic() - started
 
     def ready(self, names: Sequence[str] | None = None) -> list[str]:
-        """The clients whose process runs and whose health probe answers 200."""
-        names = list(self._workloads) if names is None else names
-        return [name for name in names if self._probe(name)]
+        """The clients whose process runs and whose health probe answers 200.
+
+        The probes run side by side, so that one client that hangs costs the
+        caller one probe timeout, not one per client.
+        """
+        names = list(self._workloads) if names is None else list(names)
+        answers = list(self._probes.map(self._probe, names))
+        return [name for name, ok in zip(names, answers, strict=True) if ok]
 
     def _probe(self, name: str) -> bool:
         if self._procs[name].poll() is not None:
@@ -162,6 +208,7 @@ class LocalWorkloads:
                 _signal(proc, signal.SIGKILL)
                 proc.wait()
         self._procs.clear()
+        self._probes.shutdown(wait=True)
         self._health.close()
 
     def __enter__(self) -> LocalWorkloads:

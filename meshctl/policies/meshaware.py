@@ -45,7 +45,9 @@ fast few); the rest go to the best scores.
 
 from __future__ import annotations
 
+import heapq
 import math
+import operator
 import random
 import statistics
 from collections import deque
@@ -158,7 +160,9 @@ class MeshPolicy:
         # Then unmeasured clients rather than rested ones: a client that just
         # failed is a worse bet than one nobody has tried.
         eligible, rested = self._filter(given.server_round, scores)
-        ranked = sorted(eligible, key=lambda c: (-eligible[c], rng.random()))
+        # The loop below looks at most k eligible clients (each either taken or
+        # already chosen), so the first k of the ranking are enough.
+        ranked = first_ranked(eligible, [rng.random() for _ in eligible], k)
         untried = [c for c in unmeasured if c not in chosen]
         ranked += rng.sample(untried, len(untried))
         ranked += sorted(rested, key=lambda c: (-rested[c], rng.random()))
@@ -335,6 +339,28 @@ class MeshPolicy:
             estimate.rounds.append(server_round)
             estimate.selected_round = server_round
         self._last = tuple(chosen)
+
+
+def first_ranked(
+    scores: dict[str, float], randoms: list[float], count: int
+) -> list[str]:
+    """The ``count`` first clients of ``sorted(scores, key=(-score, random))``.
+
+    The same order as that sort (the position breaks exact ties, as a stable
+    sort does), without sorting a hundred thousand clients to route ten; with
+    a score that is not a number the full sort decides, as before.
+    """
+    clients = list(scores)
+    if any(map(math.isnan, scores.values())):
+        order = sorted(
+            range(len(clients)), key=lambda i: (-scores[clients[i]], randoms[i])
+        )
+        return [clients[i] for i in order[:count]]
+    keys = zip(
+        map(operator.neg, scores.values()), randoms, range(len(clients)), strict=True
+    )
+    best = heapq.nsmallest(count, keys) if count < len(clients) else sorted(keys)
+    return [clients[i] for _, _, i in best]
 
 
 def _quantile(values: list[float], share: float) -> float | None:

@@ -34,12 +34,14 @@ statistical utility, and leaves the last known duration in place.
 
 from __future__ import annotations
 
+import heapq
 import math
+import operator
 import random
 import statistics
 from dataclasses import dataclass, field
 
-from meshctl.policies import signals
+from meshctl.policies import meshaware, signals
 from meshctl.policies.base import Selection, SelectionInput
 from meshctl.types import ClientState, SlotOutcome
 
@@ -98,7 +100,8 @@ class OortPolicy:
     def select(self, given: SelectionInput, rng: random.Random) -> Selection:
         self._absorb(given)
         self._pace(given.server_round)
-        candidates = [c for c in given.candidates if c not in self._blocklist()]
+        blocked = self._blocklist()
+        candidates = [c for c in given.candidates if c not in blocked]
         planned = signals.overcommitted(
             given.per_round, self.settings.overcommit, len(candidates)
         )
@@ -107,8 +110,9 @@ class OortPolicy:
             self.settings.exploration_min,
         )
         preferred_s = self.preferred_duration_s()
-        played = [c for c in candidates if self.arms[c].count > 0]
-        unplayed = [c for c in candidates if self.arms[c].count == 0]
+        arms = self.arms
+        played = [c for c in candidates if arms[c].count > 0]
+        unplayed = [c for c in candidates if arms[c].count == 0]
 
         explore_len = min(len(unplayed), int(planned * self.exploration))
         exploit_len = min(planned - explore_len, len(played))
@@ -132,8 +136,10 @@ class OortPolicy:
     def _absorb(self, given: SelectionInput) -> None:
         """Fold every outcome not seen yet into the arms."""
         self._successful = set()
+        arms = self.arms
         for client in given.candidates:
-            self.arms.setdefault(client, Arm())
+            if client not in arms:
+                arms[client] = Arm()
         for client in given.history:
             arm = self.arms.setdefault(client, Arm())
             for outcome in signals.outcomes_after(
@@ -249,9 +255,15 @@ class OortPolicy:
         """Sample ``count`` among the clients above the cut-off, by utility."""
         if count <= 0:
             return []
-        ranked = sorted(scores, key=lambda c: (-scores[c], c))
+        # Only the arm just outside the top counts: the sample draws from the
+        # pool in the order of its keys, so the pool's own order does not matter.
+        if any(map(math.isnan, scores.values())):
+            ranked = sorted(scores, key=lambda c: (-scores[c], c))
+        else:
+            keys = zip(map(operator.neg, scores.values()), scores, strict=True)
+            ranked = [c for _, c in heapq.nsmallest(count + 1, keys)]
         cut_off = scores[ranked[min(count, len(ranked) - 1)]] * self.settings.cut_off
-        pool = {c: scores[c] for c in ranked if scores[c] >= cut_off}
+        pool = {c: s for c, s in scores.items() if s >= cut_off}
         return signals.weighted_sample(pool, count, rng)
 
     def _explore_weights(
@@ -263,8 +275,9 @@ class OortPolicy:
         never saw gets the median weight of the measured ones (1 if none).
         """
         latencies = {}
+        telemetry = given.telemetry.get
         for client in clients:
-            seen = given.telemetry.get(client)
+            seen = telemetry(client)
             if (
                 seen is not None
                 and seen.state is not ClientState.UNOBSERVED
@@ -286,8 +299,9 @@ class OortPolicy:
         """The ``sample_window * count`` highest priorities, then sample by weight."""
         if count <= 0:
             return []
-        order = sorted(weights, key=lambda c: (-weights[c], rng.random()))
-        window = order[: max(count, int(self.settings.sample_window * count))]
+        randoms = [rng.random() for _ in weights]
+        size = max(count, int(self.settings.sample_window * count))
+        window = meshaware.first_ranked(weights, randoms, size)
         return signals.weighted_sample({c: weights[c] for c in window}, count, rng)
 
     def _blocklist(self) -> set[str]:

@@ -21,6 +21,8 @@ by at least ``min_weight_change`` units (and the dwell time has passed).
 
 The time a selection went live is recorded by :meth:`Hysteresis.commit`, called
 once the routes are served; a proposal that was never applied starts no dwell.
+:meth:`Hysteresis.state` and :meth:`Hysteresis.restore` carry the live selection
+and its age across a controller restart (the clock need not survive it).
 """
 
 from __future__ import annotations
@@ -29,6 +31,18 @@ import math
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class HysteresisState:
+    """The live selection, its weights, and for how long it had been served.
+
+    ``age_s`` is None when no selection was ever committed with a known time.
+    """
+
+    live: tuple[str, ...] | None
+    live_weights: Mapping[str, int] | None
+    age_s: float | None
 
 
 @dataclass(frozen=True)
@@ -113,6 +127,28 @@ class Hysteresis:
             self._changed_at = self._clock()
         self._live = clients
         self._live_weights = weights
+
+    def state(self) -> HysteresisState:
+        """The live selection and its age, to carry across a restart."""
+        age_s = self._clock() - self._changed_at
+        return HysteresisState(
+            live=self._live,
+            live_weights=dict(self._live_weights)
+            if self._live_weights is not None
+            else None,
+            age_s=age_s if math.isfinite(age_s) else None,
+        )
+
+    def restore(self, saved: HysteresisState) -> None:
+        """Take up a saved live selection; its age keeps counting from now."""
+        self._live = tuple(saved.live) if saved.live is not None else None
+        self._live_weights = (
+            dict(saved.live_weights) if saved.live_weights is not None else None
+        )
+        if saved.age_s is None:
+            self._changed_at = -math.inf
+        else:
+            self._changed_at = self._clock() - max(saved.age_s, 0.0)
 
     def _forced(
         self, live: tuple[str, ...], proposed: tuple[str, ...], ready: Collection[str]

@@ -502,7 +502,9 @@ def _route_name_problems(routes: list[Any]) -> Iterator[tuple[str, str]]:
         name = route.get("name") if isinstance(route, Mapping) else None
         if name is None:
             continue
-        if name in seen:
+        if not isinstance(name, str):
+            yield f"spec.http[{i}].name", f"must be a string, not {name!r}"
+        elif name in seen:
             yield f"spec.http[{i}].name", f"{name!r} repeats spec.http[{seen[name]}]"
         else:
             seen[name] = i

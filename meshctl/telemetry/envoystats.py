@@ -24,14 +24,17 @@ from __future__ import annotations
 
 import collections
 import math
+import operator
 import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from itertools import compress, repeat
 
 import httpx
 
 from meshctl import protocol
+from meshctl.telemetry import bulk
 from meshctl.types import ClientState, ClientTelemetry
 
 DEFAULT_FAILING_RATIO = 0.5
@@ -42,7 +45,12 @@ _STATS_FILTER = (
 )
 # Envoy writes the per-code counter, like the total, as ``..._rq_total`` (told
 # apart by its ``envoy_response_code`` label) and the per-class one as ``..._rq_xx``.
+_PREFIX = "envoy_cluster_upstream_rq_"
+_TOTAL = "envoy_cluster_upstream_rq_total"
+_CLASS = "envoy_cluster_upstream_rq_xx"
 _BUCKET = "envoy_cluster_upstream_rq_time_bucket"
+_COUNT = "envoy_cluster_upstream_rq_time_count"
+_SERIES = frozenset((_TOTAL, _CLASS, _BUCKET, _COUNT))
 # One sample line of the four series read: name, labels, value.
 _SAMPLE = re.compile(
     r"^(envoy_cluster_upstream_rq_total|envoy_cluster_upstream_rq_xx"
@@ -51,6 +59,21 @@ _SAMPLE = re.compile(
     re.MULTILINE,
 )
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+# A line of the four series exactly as Envoy writes it: label values without
+# escapes, a plain integer value.  Groups: per-code total's code, total's
+# cluster, class, class's cluster, bucket's cluster, bucket bound, latency
+# count's cluster, value.
+_VALUE = r'"([^"\\\n}]+)"'
+_ENVOY_LINE = re.compile(
+    r"^envoy_cluster_upstream_rq_(?:"
+    r'total\{(envoy_response_code="[^"\\\n}]+",)?'
+    rf"envoy_cluster_name={_VALUE}\}}"
+    rf"|xx\{{envoy_response_code_class={_VALUE},envoy_cluster_name={_VALUE}\}}"
+    rf"|time_bucket\{{envoy_cluster_name={_VALUE},le={_VALUE}\}}"
+    rf"|time_count\{{envoy_cluster_name={_VALUE}\}}"
+    r") ([0-9]+)$",
+    re.MULTILINE,
+)
 
 
 class EnvoyStatsError(RuntimeError):
@@ -88,29 +111,25 @@ def parse_prometheus(
 ) -> dict[str, ClientCounters]:
     """Per-client counters from Envoy's Prometheus text for the subsets of ``host``.
 
-    Only the four series the telemetry needs are read, line by line with one
-    regular expression: a general exposition parser costs seconds per
+    Only the four series the telemetry needs are read.  Envoy's own lines are
+    read by one regular expression over the whole text that knows their exact
+    shape; when any line of the four series has another shape (escapes, other
+    labels, a timestamp), the text is read again line by line, each line's
+    labels parsed, as before.  A general exposition parser costs seconds per
     hundred thousand clusters.
     """
-    totals: dict[str, int] = {}
-    classes: dict[str, dict[str, int]] = collections.defaultdict(dict)
-    buckets: dict[str, list[tuple[float, int]]] = collections.defaultdict(list)
-    counts: dict[str, int] = {}
-    for name, label_text, value_text in _SAMPLE.findall(text):
-        labels = dict(_LABEL.findall(label_text))
-        client = _client_of(labels.get("envoy_cluster_name", ""), host)
-        if client is None:
-            continue
-        value = int(float(value_text))
-        if name == "envoy_cluster_upstream_rq_total":
-            if "envoy_response_code" not in labels:
-                totals[client] = value
-        elif name == "envoy_cluster_upstream_rq_xx":
-            classes[client][labels.get("envoy_response_code_class", "")] = value
-        elif name == _BUCKET:
-            buckets[client].append((float(labels["le"]), value))
-        else:
-            counts[client] = value
+    with bulk.paused():
+        series = _envoy_lines(text, host) or _any_lines(text, host)
+        return _counters(*series)
+
+
+def _counters(
+    totals: dict[str, int],
+    classes: dict[str, dict[str, int]],
+    buckets: dict[str, list[tuple[float, int]]],
+    counts: dict[str, int],
+) -> dict[str, ClientCounters]:
+    """Each client's counters from the four series."""
     return {
         client: ClientCounters(
             requests_total=totals.get(client, 0),
@@ -120,6 +139,150 @@ def parse_prometheus(
         )
         for client in set(totals) | set(classes) | set(buckets)
     }
+
+
+# Totals, classes, buckets and latency counts, per client.
+_Series = tuple[
+    dict[str, int],
+    dict[str, dict[str, int]],
+    dict[str, list[tuple[float, int]]],
+    dict[str, int],
+]
+
+
+def _envoy_lines(text: str, host: str) -> _Series | None:
+    """The four series when every line of them has Envoy's own shape, else None.
+
+    The matches are taken apart a column at a time (each line fills the groups
+    of its own series only), so no Python code runs once per line.
+    """
+    found = _ENVOY_LINE.findall(text)
+    lines = sum(text.count(f"\n{name}{{") for name in _SERIES)
+    lines += any(text.startswith(f"{name}{{") for name in _SERIES)
+    if len(found) != lines:
+        return None
+    if not found:
+        return {}, {}, {}, {}
+    columns = [list(map(operator.itemgetter(i), found)) for i in range(8)]
+    code, total_of, code_class, class_of, bucket_of, le, count_of, value = columns
+    client_of = _ClientOf(host)
+
+    def series(of: list[str], more: list[str]) -> tuple[list, list, list]:
+        """The lines of one series that name a client: clients, more, values."""
+        clients = list(map(client_of.__getitem__, compress(of, of)))
+        values = list(map(int, map(float, compress(value, of))))
+        extra = list(compress(more, of))
+        if None in clients:
+            known = list(map(operator.is_not, clients, repeat(None)))
+            clients, extra, values = (
+                list(compress(c, known)) for c in (clients, extra, values)
+            )
+        return clients, extra, values
+
+    if any(code):  # per-code totals are not the total
+        total_of = [t if not c else "" for t, c in zip(total_of, code, strict=True)]
+    clients, _, values = series(total_of, total_of)
+    totals = dict(zip(clients, values, strict=True))
+    clients, _, values = series(count_of, count_of)
+    counts = dict(zip(clients, values, strict=True))
+    classes: dict[str, dict[str, int]] = collections.defaultdict(dict)
+    clients, names, values = series(class_of, code_class)
+    for client, first, last in _runs(clients):
+        classes[client].update(zip(names[first:last], values[first:last], strict=True))
+    buckets: dict[str, list[tuple[float, int]]] = collections.defaultdict(list)
+    clients, bounds, values = series(bucket_of, le)
+    pairs = list(zip(map(float, bounds), values, strict=True))
+    for client, first, last in _runs(clients):
+        buckets[client].extend(pairs[first:last])
+    return totals, classes, buckets, counts
+
+
+def _runs(clients: list[str]) -> list[tuple[str, int, int]]:
+    """``(client, first, last)`` of each run of equal neighbours in ``clients``:
+    Envoy writes the lines of one cluster next to each other."""
+    changes = map(operator.ne, clients[1:], clients[:-1])
+    starts = [0, *compress(range(1, len(clients)), changes), len(clients)]
+    return [
+        (clients[first], first, last)
+        for first, last in zip(starts, starts[1:], strict=False)
+        if first < last
+    ]
+
+
+def _any_lines(text: str, host: str) -> _Series:
+    """The four series from lines of any shape, each line's labels parsed."""
+    totals: dict[str, int] = {}
+    classes: dict[str, dict[str, int]] = collections.defaultdict(dict)
+    buckets: dict[str, list[tuple[float, int]]] = collections.defaultdict(list)
+    counts: dict[str, int] = {}
+    client_of = _ClientOf(host)
+    for line in text.split("\n"):
+        if not line.startswith(_PREFIX):
+            continue
+        sample = _sample(line)
+        if sample is None:
+            continue
+        name, labels, value_text = sample
+        client = client_of[labels.get("envoy_cluster_name", "")]
+        if client is None:
+            continue
+        value = int(float(value_text))
+        if name == _TOTAL:
+            if "envoy_response_code" not in labels:
+                totals[client] = value
+        elif name == _CLASS:
+            classes[client][labels.get("envoy_response_code_class", "")] = value
+        elif name == _BUCKET:
+            buckets[client].append((float(labels["le"]), value))
+        else:
+            counts[client] = value
+    return totals, classes, buckets, counts
+
+
+def _sample(line: str) -> tuple[str, dict[str, str], str] | None:
+    """One sample line of the four series read: name, labels, value; or None.
+
+    Envoy's own lines (``name{k="v",...} 12``) are split with string methods;
+    any other shape goes through :data:`_SAMPLE` and :data:`_LABEL`.
+    """
+    name, brace, rest = line.partition("{")
+    if brace and name in _SERIES:
+        label_text, close, tail = rest.partition("}")
+        value_text = tail[1:]
+        if close and tail[:1] == " " and value_text.isascii() and value_text.isdigit():
+            labels = _labels(label_text)
+            if labels is not None:
+                return name, labels, value_text
+    found = _SAMPLE.match(line)
+    if found is None:
+        return None
+    name, label_text, value_text = found.groups()
+    return name, dict(_LABEL.findall(label_text)), value_text
+
+
+def _labels(text: str) -> dict[str, str] | None:
+    """``k="v",...`` without escapes as a dict; None for any other shape."""
+    if "\\" in text or text[-1:] != '"':
+        return None
+    labels = {}
+    for pair in text[:-1].split('",'):
+        key, equals, value = pair.partition('="')
+        if not equals or '"' in value or not (key.isascii() and key.isidentifier()):
+            return None
+        labels[key] = value
+    return labels
+
+
+class _ClientOf(dict):
+    """The client of each cluster name, worked out once per name."""
+
+    def __init__(self, host: str) -> None:
+        super().__init__()
+        self.host = host
+
+    def __missing__(self, cluster: str) -> str | None:
+        client = self[cluster] = _client_of(cluster, self.host)
+        return client
 
 
 def _client_of(cluster: str, host: str) -> str | None:
@@ -160,16 +323,14 @@ def window(
     """
     duration_s = newer.taken_at - older.taken_at
     empty = ClientCounters()
-    return {
-        client: _telemetry(
-            client,
-            older.clients.get(client, empty),
-            counters,
-            duration_s,
-            failing_ratio,
-        )
-        for client, counters in sorted(newer.clients.items())
-    }
+    before = older.clients.get
+    with bulk.paused():
+        return {
+            client: _telemetry(
+                client, before(client, empty), counters, duration_s, failing_ratio
+            )
+            for client, counters in sorted(newer.clients.items())
+        }
 
 
 def _telemetry(
@@ -181,8 +342,9 @@ def _telemetry(
 ) -> ClientTelemetry:
     """One client's telemetry from its counters at both ends of a window."""
     requests = _delta(before.requests_total, after.requests_total)
+    old = before.responses_by_class
     responses = {
-        code_class: _delta(before.responses_by_class.get(code_class, 0), count)
+        code_class: _delta(old.get(code_class, 0), count)
         for code_class, count in after.responses_by_class.items()
     }
     completed = sum(responses.values())
@@ -190,7 +352,7 @@ def _telemetry(
         return ClientTelemetry(client=client, state=ClientState.UNOBSERVED)
 
     error_ratio = responses.get("5", 0) / completed
-    buckets = _bucket_increase(before, after)
+    buckets = sorted(_bucket_increase(before, after))
     state = (
         ClientState.FAILING if error_ratio >= failing_ratio else ClientState.OBSERVED
     )
@@ -200,8 +362,8 @@ def _telemetry(
         requests=requests,
         requests_per_s=requests / duration_s if duration_s > 0 else None,
         error_ratio=error_ratio,
-        latency_p50_ms=histogram_quantile(0.5, buckets),
-        latency_p95_ms=histogram_quantile(0.95, buckets),
+        latency_p50_ms=_sorted_quantile(0.5, buckets),
+        latency_p95_ms=_sorted_quantile(0.95, buckets),
     )
 
 
@@ -214,14 +376,16 @@ def _bucket_increase(
     before: ClientCounters, after: ClientCounters
 ) -> list[tuple[float, int]]:
     """Cumulative bucket increases; the newer buckets whole after a reset."""
-    old = dict(before.latency_buckets)
-    if after.latency_count < before.latency_count or any(
-        count < old.get(bound, 0) for bound, count in after.latency_buckets
-    ):
+    if after.latency_count < before.latency_count:
         return list(after.latency_buckets)
-    return [
-        (bound, count - old.get(bound, 0)) for bound, count in after.latency_buckets
-    ]
+    old = dict(before.latency_buckets)
+    increase = []
+    for bound, count in after.latency_buckets:
+        previous = old.get(bound, 0)
+        if count < previous:
+            return list(after.latency_buckets)
+        increase.append((bound, count - previous))
+    return increase
 
 
 def histogram_quantile(q: float, buckets: list[tuple[float, int]]) -> float | None:
@@ -231,7 +395,11 @@ def histogram_quantile(q: float, buckets: list[tuple[float, int]]) -> float | No
     starting at 0, as Prometheus' ``histogram_quantile`` does; a rank in the
     infinite bucket gives the highest finite bound.  None without observations.
     """
-    buckets = sorted(buckets)
+    return _sorted_quantile(q, sorted(buckets))
+
+
+def _sorted_quantile(q: float, buckets: list[tuple[float, int]]) -> float | None:
+    """:func:`histogram_quantile` of buckets already sorted by bound."""
     if not buckets or buckets[-1][1] <= 0:
         return None
     rank = q * buckets[-1][1]

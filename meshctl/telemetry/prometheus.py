@@ -24,26 +24,37 @@ traffic and no 5xx series has an error ratio of 0; a client whose error ratio is
 
 Every call has an explicit timeout, on the HTTP request and as the query's own
 ``timeout`` parameter, and is tried once: the controller owns the back-off.
+
+A cycle costs eight answers of N series each.  An answer is decoded with a
+typed decoder that keeps only the label naming the client and the value
+(``msgspec``, no general JSON tree), and every client's row is built in one
+pass over the eight answers; an answer the typed decoder does not accept is
+read again by the general path, which names what is wrong with it.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import math
+import operator
 import re
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, TypedDict
+from typing import Any, Literal, TypedDict
 
+import msgspec
 import requests
 import yaml
-from prometheus_api_client import PrometheusApiClientException, PrometheusConnect
+from requests.adapters import HTTPAdapter
 from urllib3 import exceptions as urllib3_errors
 from urllib3.util.retry import Retry
 
 from meshctl import protocol
+from meshctl.telemetry import bulk
 from meshctl.telemetry.envoystats import DEFAULT_FAILING_RATIO
 from meshctl.types import ClientState, ClientTelemetry
 
@@ -313,43 +324,107 @@ def client_telemetry(
     reach is FAILING.  Otherwise FAILING when destination errors and mesh failures
     together reach ``failing_ratio`` of the requests, else OBSERVED.
     """
-    rate = _rate(values.get("requests_per_s"))
-    ratio = _rate(values.get("error_ratio"))
-    mesh_failures = _rate(values.get("mesh_failures_per_s"))
-    fl = {
-        "train_loss": finite(values.get("train_loss")),
-        "train_examples": finite(values.get("train_examples")),
-        "local_train_s": finite(values.get("local_train_s")),
-    }
-    failing_in_mesh = mesh_failures is not None and mesh_failures > 0
+    return _client_row(client, *map(values.get, FIGURES), window_s, failing_ratio)
+
+
+# The figures of a client's row, in the order :func:`_client_row` takes them.
+FIGURES = (
+    "requests_per_s",
+    "error_ratio",
+    "latency_p50_ms",
+    "latency_p95_ms",
+    "mesh_failures_per_s",
+    "train_loss",
+    "train_examples",
+    "local_train_s",
+)
+
+
+def _client_row(
+    client: str,
+    rate: float | None,
+    ratio: float | None,
+    p50_ms: float | None,
+    p95_ms: float | None,
+    mesh_failures: float | None,
+    loss: float | None,
+    examples: float | None,
+    train_s: float | None,
+    window_s: float,
+    failing_ratio: float,
+) -> PrometheusTelemetry:
+    """:func:`client_telemetry` with the figures as arguments, for one pass over
+    a hundred thousand clients: the checks of :func:`_rate` and :func:`finite`
+    are written out, since a call per figure doubles the cost."""
+    isfinite = math.isfinite
+    rate = rate if rate is not None and isfinite(rate) and rate >= 0 else None
+    ratio = ratio if ratio is not None and isfinite(ratio) and ratio >= 0 else None
+    if mesh_failures is not None and not (
+        isfinite(mesh_failures) and mesh_failures >= 0
+    ):
+        mesh_failures = None
+    loss = loss if loss is not None and isfinite(loss) else None
+    examples = examples if examples is not None and isfinite(examples) else None
+    train_s = train_s if train_s is not None and isfinite(train_s) else None
     if rate is None or rate <= 0 or ratio is None:
+        failing_in_mesh = mesh_failures is not None and mesh_failures > 0
         return PrometheusTelemetry(
             client=client,
             state=ClientState.FAILING if failing_in_mesh else ClientState.UNOBSERVED,
             mesh_failures_per_s=mesh_failures,
-            **fl,
+            train_loss=loss,
+            train_examples=examples,
+            local_train_s=train_s,
         )
 
     # Scaled by the larger rate, so that huge rates cannot overflow the sums.
-    scale = max(rate, mesh_failures or 0.0)
-    failed = ratio * (rate / scale) + (mesh_failures or 0.0) / scale
-    attempted = rate / scale + (mesh_failures or 0.0) / scale
-    state = (
-        ClientState.FAILING
-        if failed / attempted >= failing_ratio
-        else ClientState.OBSERVED
-    )
+    failures = mesh_failures or 0.0
+    scale = max(rate, failures)
+    failed = ratio * (rate / scale) + failures / scale
+    attempted = rate / scale + failures / scale
     return PrometheusTelemetry(
         client=client,
-        state=state,
+        state=ClientState.FAILING
+        if failed / attempted >= failing_ratio
+        else ClientState.OBSERVED,
         requests=_count(rate * window_s),
         requests_per_s=rate,
         error_ratio=ratio,
-        latency_p50_ms=finite(values.get("latency_p50_ms")),
-        latency_p95_ms=finite(values.get("latency_p95_ms")),
+        latency_p50_ms=p50_ms if p50_ms is not None and isfinite(p50_ms) else None,
+        latency_p95_ms=p95_ms if p95_ms is not None and isfinite(p95_ms) else None,
         mesh_failures_per_s=mesh_failures,
-        **fl,
+        train_loss=loss,
+        train_examples=examples,
+        local_train_s=train_s,
     )
+
+
+def client_rows(
+    figures: Mapping[str, Mapping[str, float]],
+    window_s: float,
+    failing_ratio: float = DEFAULT_FAILING_RATIO,
+) -> dict[str, PrometheusTelemetry]:
+    """Every client's telemetry from ``{figure: {client: value}}``, sorted by
+    client: what :func:`client_telemetry` gives each, in one pass."""
+    empty: dict[str, float] = {}
+    columns = [figures.get(name, empty) for name in FIGURES]
+    rate, ratio, p50, p95, mesh, loss, examples, train_s = (c.get for c in columns)
+    return {
+        client: _client_row(
+            client,
+            rate(client),
+            ratio(client),
+            p50(client),
+            p95(client),
+            mesh(client),
+            loss(client),
+            examples(client),
+            train_s(client),
+            window_s,
+            failing_ratio,
+        )
+        for client in sorted(set().union(*columns))
+    }
 
 
 # --------------------------------------------------------------------- source
@@ -401,16 +476,11 @@ class PrometheusSource:
         self.fresh_scrape_jobs = tuple(fresh_scrape_jobs)
         self._clock = clock
         self._interval_s: float | None = None
-        self._last_response: requests.Response | None = None
         self._session = requests.Session()
-        self._session.hooks["response"].append(self._remember)
         # No retries inside a cycle: a retry with back-off would stall the round,
         # and the controller already retries on its own schedule.
-        self._prom = PrometheusConnect(
-            url=self.url,
-            session=self._session,
-            retry=Retry(total=0, raise_on_status=False),
-            timeout=timeout_s,
+        self._session.mount(
+            self.url, HTTPAdapter(max_retries=Retry(total=0, raise_on_status=False))
         )
 
     # -- the TelemetrySource protocol
@@ -422,14 +492,12 @@ class PrometheusSource:
         if self.fresh_scrape_jobs:
             self.wait_for_scrape(self.fresh_scrape_jobs, self._clock())
         at = self._clock()
-        values: dict[str, dict[str, float]] = {}
-        for name, (query, label) in self.queries.all(window).items():
-            for client, value in self.query(query, label, at, name).items():
-                values.setdefault(client, {})[name] = value
-        return {
-            client: client_telemetry(client, figures, window_s, self.failing_ratio)
-            for client, figures in sorted(values.items())
-        }
+        with bulk.paused():
+            figures = {
+                name: self.query(query, label, at, name)
+                for name, (query, label) in self.queries.all(window).items()
+            }
+            return client_rows(figures, window_s, self.failing_ratio)
 
     # -- the parts
 
@@ -463,7 +531,8 @@ class PrometheusSource:
         # A PromQL string takes no regex escapes such as "\-": match names whole.
         names = "|".join(jobs)
         query = f'min(timestamp(up{{job=~"{names}"}}))'
-        result = self._custom_query(query, self._clock(), "last scrape")
+        body = self._query_body(query, self._clock(), "last scrape")
+        result = self._result(body, "last scrape")
         try:
             return parse_value(result[0]["value"][1]) if result else None
         except (KeyError, IndexError, TypeError) as exc:
@@ -501,7 +570,40 @@ class PrometheusSource:
 
         Series without ``label`` are left out (logged at DEBUG): they name no client.
         """
-        result = self._custom_query(query, at, name)
+        body = self._query_body(query, at, name)
+        found = _decode_vector(body, label)
+        if found is not None:
+            return found
+        return self._read_vector(body, label, name)
+
+    def close(self) -> None:
+        """Close the HTTP session."""
+        self._session.close()
+
+    def _query_body(self, query: str, at: float, name: str) -> bytes:
+        """The body of a 200 answer to ``query``, evaluated at ``at``."""
+        what = f"running the {name} query"
+        log.debug("%s query at %.3f: %s", name, at, query)
+        params = {
+            "query": query,
+            "time": f"{at:.3f}",
+            "timeout": f"{self.timeout_s:g}s",
+        }
+        try:
+            response = self._session.get(
+                f"{self.url}/api/v1/query", params=params, timeout=self.timeout_s
+            )
+            body = response.content
+        except requests.RequestException as exc:
+            raise _transport_error(self.url, what, exc) from exc
+        if response.status_code != 200:
+            raise _status_error(self.url, what, response)
+        return body
+
+    def _read_vector(self, body: bytes, label: str, name: str) -> dict[str, float]:
+        """:meth:`query`'s answer read as general JSON, each element checked: the
+        path of an answer the typed decoder refused, which says what is wrong."""
+        result = self._result(body, name)
         by_client: dict[str, float] = {}
         for item in result:
             if (
@@ -530,26 +632,11 @@ class PrometheusSource:
                 ) from exc
         return by_client
 
-    def close(self) -> None:
-        """Close the HTTP session."""
-        self._prom.close()
-
-    def _custom_query(self, query: str, at: float, name: str) -> list:
-        self._last_response = None
+    def _result(self, body: bytes, name: str) -> list:
+        """The ``data.result`` list of an answer, or a PrometheusError."""
         what = f"running the {name} query"
-        log.debug("%s query at %.3f: %s", name, at, query)
-        params = {"time": f"{at:.3f}", "timeout": f"{self.timeout_s:g}s"}
         try:
-            result = self._prom.custom_query(query, params=params)
-        except requests.RequestException as exc:
-            raise _transport_error(self.url, what, exc) from exc
-        except PrometheusApiClientException as exc:
-            response = self._last_response
-            if response is None:
-                raise PrometheusError(
-                    f"Prometheus at {self.url}: {exc}", kind="http"
-                ) from exc
-            raise _status_error(self.url, what, response) from exc
+            result = json.loads(body)["data"]["result"]
         except (ValueError, KeyError, TypeError) as exc:
             raise PrometheusError(
                 f"Prometheus at {self.url} answered a body meshctl cannot read "
@@ -564,9 +651,53 @@ class PrometheusSource:
             )
         return result
 
-    def _remember(self, response: requests.Response, *args: object, **kwargs: object):
-        self._last_response = response
-        return response
+
+# ---------------------------------------------------------------- fast decoding
+
+
+class _Value(msgspec.Struct, array_like=True, frozen=True, gc=False):
+    """A sample's ``[unix seconds, value as a string]``."""
+
+    at: Any
+    text: str
+
+
+@functools.cache
+def _vector_decoder(label: str) -> msgspec.json.Decoder:
+    """A decoder of instant-vector answers keeping only ``label`` and the value.
+
+    Untracked by the garbage collector: a hundred thousand samples would
+    otherwise set off full collections while they are decoded.
+    """
+    options: dict[str, Any] = {"frozen": True, "gc": False}
+    metric = msgspec.defstruct(
+        "Metric", [("client", str | None, None)], rename={"client": label}, **options
+    )
+    sample = msgspec.defstruct(
+        "Sample", [("metric", metric), ("value", _Value)], **options
+    )
+    data = msgspec.defstruct("Data", [("result", list[sample])], **options)
+    answer = msgspec.defstruct("Answer", [("data", data)], **options)
+    return msgspec.json.Decoder(answer)
+
+
+_CLIENT = operator.attrgetter("metric.client")
+_TEXT = operator.attrgetter("value.text")
+
+
+def _decode_vector(body: bytes, label: str) -> dict[str, float] | None:
+    """``{value of label: value}`` of a well-formed instant vector, where every
+    series names a client and every value is a number; None otherwise, and the
+    general path then reads the answer and says what is wrong with it."""
+    try:
+        result = _vector_decoder(label).decode(body).data.result
+        # float() reads exactly what parse_value() accepts from a string.
+        found = dict(
+            zip(map(_CLIENT, result), map(float, map(_TEXT, result)), strict=True)
+        )
+    except (msgspec.MsgspecError, ValueError):
+        return None
+    return None if None in found or "" in found else found
 
 
 _STATUS_KINDS = {400: "bad_query", 422: "unprocessable", 503: "unavailable"}
