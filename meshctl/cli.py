@@ -192,7 +192,8 @@ def demo(
         typer.Option(
             "--faults",
             help="Faults to inject, comma-separated, rounds from 1: "
-            "crash:CLIENT@ROUND[+ROUNDS DOWN], slow:CLIENTxFACTOR@ROUND, "
+            "crash:CLIENT@ROUND[+ROUNDS] (restarted after ROUNDS more rounds, "
+            "1 by default), slow:CLIENTxFACTOR@ROUND, "
             "fail:CLIENTxSHARE@ROUND, nan|shape|oversized:CLIENT@ROUND (a bad "
             "reply), envoy-restart@ROUND, controller-restart@ROUND.  "
             "Example: crash:c-03@2,slow:c-05x10@1",

@@ -22,6 +22,7 @@ import time
 from collections.abc import Mapping
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 from flwr.app import Context, RecordDict
 from flwr.clientapp import ClientApp
@@ -256,9 +257,28 @@ def serve(
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
 ) -> ThreadingHTTPServer:
     """Bind the service; the caller runs ``serve_forever`` and ``shutdown``."""
-    server = ThreadingHTTPServer((host, port), make_handler(service, max_message_bytes))
+    server = bind(host, port)
+    server.RequestHandlerClass = make_handler(service, max_message_bytes)
+    return server
+
+
+def bind(host: str, port: int) -> ThreadingHTTPServer:
+    """A server bound to ``host:port`` (0: a free port) that serves nothing yet.
+
+    Binding comes first so that the port is known, and held, while the app
+    loads; connections wait in the backlog until ``serve_forever``, with the
+    handler that :func:`serve` sets.
+    """
+    server = ThreadingHTTPServer((host, port), BaseHTTPRequestHandler)
     server.daemon_threads = True
     return server
+
+
+def _report_port(path: Path, port: int) -> None:
+    """Write the bound port to ``path`` whole: a reader sees it all or nothing."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(f"{port}\n")
+    os.replace(temporary, path)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -269,6 +289,10 @@ def main(argv: list[str] | None = None) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    server = bind(args.host, args.port)
+    port = server.server_address[1]
+    if args.port_file:
+        _report_port(Path(args.port_file), port)
     service = ClientService(
         load_client_app(args.app),
         name=args.name,
@@ -276,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
         node_config=parse_config(args.node_config),
     )
     warm_s = warm_up(args.app, service)
-    server = serve(service, host=args.host, port=args.port)
+    server.RequestHandlerClass = make_handler(service, DEFAULT_MAX_MESSAGE_BYTES)
     signal.signal(
         signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start()
     )
@@ -284,7 +308,7 @@ def main(argv: list[str] | None = None) -> None:
         "%s listening on %s:%d (warmed up in %.1fs)",
         args.name,
         args.host,
-        args.port,
+        port,
         warm_s,
     )
     try:
@@ -299,7 +323,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--name", required=True, help="client id, e.g. c-03")
     parser.add_argument("--node-id", type=int, default=0, help="Flower node id")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind")
-    parser.add_argument("--port", type=int, required=True, help="port to bind")
+    parser.add_argument(
+        "--port", type=int, default=0, help="port to bind (default: a free one)"
+    )
+    parser.add_argument(
+        "--port-file", help="write the bound port here once bound, before loading"
+    )
     parser.add_argument(
         "--node-config", default="", help="Flower node config: 'key=value ...'"
     )

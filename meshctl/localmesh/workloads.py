@@ -82,11 +82,20 @@ class LocalWorkloads:
     def workloads(self) -> list[Workload]:
         return list(self._workloads.values())
 
-    def start(self, specs: Sequence[ClientSpec]) -> None:
-        """Start one process per spec; returns without waiting for readiness."""
+    def start(self, specs: Sequence[ClientSpec], timeout_s: float = 120.0) -> None:
+        """Start one process per spec; returns once each has bound its port.
+
+        Each service binds a free port itself and reports it, so no other
+        process can take the port between its choice and its bind.  Readiness
+        comes later: :meth:`wait_ready`.
+        """
         self._log_dir.mkdir(parents=True, exist_ok=True)
         for spec in specs:
             self._start_one(spec)
+        deadline = time.monotonic() + timeout_s
+        for spec in specs:
+            port = self._await_port(spec.name, deadline)
+            self._workloads[spec.name] = self._workload(spec.name, port)
 
     def kill(self, name: str) -> None:
         """Kill one client service at once (SIGKILL), as a crash would."""
@@ -120,8 +129,10 @@ class LocalWorkloads:
         except KeyError:
             raise WorkloadError(f"no client service named {name!r}") from None
 
-    def _start_one(self, spec: ClientSpec, port: int | None = None) -> None:
-        port = free_port(self._host) if port is None else port
+    def _start_one(self, spec: ClientSpec, port: int = 0) -> None:
+        """Start one service process on ``port`` (0: a port of its choosing)."""
+        port_file = self._port_file(spec.name)
+        port_file.unlink(missing_ok=True)
         command = [
             sys.executable,
             "-m",
@@ -131,6 +142,7 @@ class LocalWorkloads:
             f"--node-id={spec.node_id}",
             f"--host={self._host}",
             f"--port={port}",
+            f"--port-file={port_file}",
             f"--node-config={_config_text(spec.node_config)}",
         ]
         env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", OMP_NUM_THREADS="1")
@@ -144,13 +156,36 @@ class LocalWorkloads:
                 **processes.child_options(),
             )
         self._specs[spec.name] = spec
-        self._workloads[spec.name] = Workload(
-            name=spec.name,
+
+    def _port_file(self, name: str) -> Path:
+        return self._log_dir / f"{name}.port"
+
+    def _await_port(self, name: str, deadline: float) -> int:
+        """The port a starting service reports once it has bound it."""
+        port_file = self._port_file(name)
+        while True:
+            try:
+                return int(port_file.read_text())
+            except (FileNotFoundError, ValueError):
+                pass
+            code = self._procs[name].poll()
+            if code is not None:
+                raise WorkloadError(
+                    f"client service {name} exited with code {code} before it "
+                    f"bound a port; see {self._log_dir / f'{name}.log'}"
+                )
+            if time.monotonic() > deadline:
+                raise WorkloadError(f"client service {name} bound no port in time")
+            time.sleep(0.05)
+
+    def _workload(self, name: str, port: int) -> Workload:
+        return Workload(
+            name=name,
             address=self._host,
             port=port,
             labels={
                 protocol.APP_LABEL: protocol.APP_VALUE,
-                protocol.CLIENT_LABEL: spec.name,
+                protocol.CLIENT_LABEL: name,
             },
         )
 
