@@ -430,7 +430,11 @@ def main(argv: list[str] | None = None, out: Callable[[str], None] = print) -> N
     rows = []
     for n in args.clients:
         rows.append(measure(n, args.repeat, schemas))
-        out(f"measured {n:,} clients: {rows[-1]['cycle_s']:.3f} s per cycle")
+        row = rows[-1]
+        out(
+            f"measured {n:,} clients: production cycle {row['production_s']:.3f} s,"
+            f" local cycle {row['local_s']:.3f} s"
+        )
     _print(rows)
 
 

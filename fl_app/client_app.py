@@ -14,10 +14,11 @@ and the device it emulates:
   ``slow-from-round`` and ``slow-factor`` (from that round the device computes
   ``slow-factor`` times slower);
 - faults injected on purpose, each in one round: ``crash-in-round`` (the
-  process is killed halfway through that round's training, as an out-of-memory
-  kill would), and ``reply-fault`` with ``reply-fault-round`` (the reply of
-  that round carries NaN weights (``nan``), an array of the wrong shape
-  (``shape``) or ``oversized-bytes`` of padding (``oversized``)).
+  process is killed once that round's local training is done and before it
+  replies, as an out-of-memory kill would), and ``reply-fault`` with
+  ``reply-fault-round`` (the reply of that round carries NaN weights
+  (``nan``), an array of the wrong shape (``shape``) or ``oversized-bytes`` of
+  padding (``oversized``)).
 
 The training config may carry ``local-steps-factor``, which a selection policy
 sets per client to scale its ``local-steps``.
@@ -130,7 +131,8 @@ def train(msg: Message, context: Context) -> Message:
         _sleep_until(started + wall_s / 2)
         raise EmulatedDeviceFailure(f"device failed in round {server_round}")
     if _in_round(node, "crash-in-round", server_round):
-        _sleep_until(started + wall_s / 2)
+        # Trained, not yet replied: whatever the device's speed, the crash
+        # comes while the request is in flight and before any deadline.
         log.warning("fault: crashing in the middle of round %d", server_round)
         os.kill(os.getpid(), signal.SIGKILL)
     _sleep_until(started + wall_s)

@@ -186,6 +186,11 @@ def resolve_data_dir(data_dir: Path | str | None = None) -> Path:
             "`meshctl data fetch --from DIR` imports a local copy"
         )
     path = Path(chosen)
+    if path.exists() and not path.is_dir():
+        raise DataError(
+            f"data directory {path} is not a directory (set by --data-dir or "
+            f"{DATA_DIR_ENV})"
+        )
     if not path.is_dir():
         raise DataError(
             f"data directory {path} does not exist (set by --data-dir or "

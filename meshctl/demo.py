@@ -49,6 +49,10 @@ DEVICE_TRACE = "fedscale"  # the data set the devices' speeds come from
 # reply this large is a broken or hostile client.
 MAX_REPLY_BYTES = 8 * 1024 * 1024
 STATE_FILE = "state.json"  # the controller's, under <work dir>/controller/
+# When a restart of Envoy or the controller comes after a round is armed: the
+# training requests are all in flight by then (local training alone takes
+# longer), so the restart lands under them.
+MID_ROUND_S = 0.5
 
 
 class SettingsError(ValueError):
@@ -110,12 +114,10 @@ class DemoSettings:
             raise ValueError(f"--fail-rate ({self.fail_rate}) must be between 0 and 1")
         if not 0.0 < self.target <= 1.0:
             raise ValueError(f"--target ({self.target}) must be in (0, 1]")
-        for option, path in (("--work-dir", self.work_dir), ("--out", self.out_dir)):
-            if path is not None:
-                _check_writable_dir(option, path)
         # A name or a SelectionPolicy file: UnknownPolicy names the valid ones,
         # PolicyDocumentError gives each problem's file, line and field.
         policies.resolve(self.policy)
+        self.fault_list()  # FaultSpecError names the item
         scenarios.get(self.scenario)  # UnknownScenario names the valid ones
         if self.telemetry not in TELEMETRY_SOURCES:
             raise ValueError(
@@ -129,7 +131,13 @@ class DemoSettings:
                 find_prometheus()
             except PrometheusProcessError as exc:
                 raise ValueError(f"--telemetry prometheus: {exc}") from exc
-        self.fault_list()  # FaultSpecError names the item
+        # Directories last among the options: nothing is created for a run
+        # that another option stops.
+        for option, path in (("--work-dir", self.work_dir), ("--out", self.out_dir)):
+            if path is not None:
+                _check_writable_dir(option, path)
+        if self.work_dir is not None:
+            _check_state_path(self.work_dir / "controller" / STATE_FILE)
         # The data last: a directory that cannot be read stops the run here,
         # before any process starts (fl_app.data.DataError names the path).
         from fl_app import data  # the case study, behind the face
@@ -176,16 +184,28 @@ class ControllerHost:
         return self._server.url
 
     def restart(self) -> None:
+        """Replace the controller; when the new one cannot start, the old stays."""
+        controller = self._make_controller()  # reads the state the old one wrote
         port = int(self._server.url.rsplit(":", 1)[1])
         self._server.stop()
-        self.controller = self._make_controller()
-        self._server = RoundAPIServer(
-            self.controller, port=port, token=self._token
-        ).start()
+        self.controller = controller
+        self._server = RoundAPIServer(controller, port=port, token=self._token).start()
         self.restarts += 1
 
     def stop(self) -> None:
         self._server.stop()
+
+
+def _check_state_path(path: Path) -> None:
+    """Raise ``ValueError`` unless the controller can write its state at ``path``.
+
+    A state file of an earlier run in the same work directory is removed when
+    the run starts; something else at that path would stop the run late.
+    """
+    if path.parent.exists() and not path.parent.is_dir():
+        raise ValueError(f"--work-dir: {path.parent} must be a directory, not a file")
+    if path.exists() and not path.is_file():
+        raise ValueError(f"--work-dir: {path} must be the controller's state file")
 
 
 class RoundTracker:
@@ -538,7 +558,7 @@ def run(
                 restart_envoy=mesh.restart,
                 restart_controller=host.restart,
             ),
-            mid_round_s=deadline_wall_s / 4,
+            mid_round_s=min(deadline_wall_s / 4, MID_ROUND_S),
         )
         stack.callback(injector.close)
         tracker = RoundTracker(

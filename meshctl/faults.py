@@ -40,6 +40,8 @@ log = logging.getLogger("meshctl.faults")
 CLIENT_KINDS = ("crash", "slow", "fail", "nan", "shape", "oversized")
 MESH_KINDS = ("envoy-restart", "controller-restart")
 REPLY_KINDS = ("nan", "shape", "oversized")
+# Beyond this a device would not answer before any deadline: it is down, not slow.
+MAX_SLOW_FACTOR = 1000.0
 _SPOILED = {
     "nan": "carries NaN weights",
     "shape": "carries an array of the wrong shape",
@@ -49,7 +51,7 @@ KINDS = CLIENT_KINDS + MESH_KINDS
 
 _ITEM = re.compile(
     r"^(?P<kind>[a-z-]+)"
-    r"(?::(?P<client>[A-Za-z0-9_.-]+?)(?:x(?P<factor>[0-9][0-9.]*))?)?"
+    r"(?::(?P<client>[A-Za-z0-9_.-]+?)(?:x(?P<factor>[^@+]*))?)?"
     r"@(?P<round>[0-9]+)(?:\+(?P<down>[0-9]+))?$"
 )
 
@@ -77,12 +79,13 @@ class Fault:
 
 def parse(spec: str, clients: Sequence[str], rounds: int) -> tuple[Fault, ...]:
     """The faults of ``spec``; raises :class:`FaultSpecError` naming the bad item."""
+    if not spec.strip():
+        return ()
     faults = []
-    for item in (part.strip() for part in spec.split(",")):
+    for position, item in enumerate(part.strip() for part in spec.split(",")):
         if not item:
-            continue
-        fault = _parse_item(item, clients, rounds)
-        faults.append(fault)
+            raise FaultSpecError(f"--faults item {position + 1} is empty")
+        faults.append(_parse_item(item, clients, rounds))
     _check_unique(faults)
     return tuple(faults)
 
@@ -136,8 +139,10 @@ def _factor(
         factor = float(text)
     except ValueError:
         raise bad(f"factor {text!r} is not a number") from None
-    if kind == "slow" and factor < 1:
-        raise bad(f"a slow device is at least 1x slower, not {factor:g}x")
+    if kind == "slow" and not 1 <= factor <= MAX_SLOW_FACTOR:
+        raise bad(
+            f"a slow device is 1x to {MAX_SLOW_FACTOR:g}x slower, not {factor:g}x"
+        )
     if kind == "fail" and not 0 < factor <= 1:
         raise bad(f"the share of failed requests must be in (0, 1], not {factor:g}")
     return factor
@@ -238,6 +243,15 @@ class FaultInjector:
                 self._record(fault, f"{fault.client} crashes halfway through training")
             elif fault.kind in MESH_KINDS:
                 self._start_timer(server_round, fault)
+            elif fault.kind == "slow":
+                self._record(
+                    fault, f"{fault.client} computes {fault.factor:g}x slower from now"
+                )
+            elif fault.kind == "fail":
+                self._record(
+                    fault,
+                    f"{fault.client} fails {fault.factor:.0%} of its requests from now",
+                )
             elif fault.kind in REPLY_KINDS:
                 self._record(fault, f"{fault.client}'s reply {_SPOILED[fault.kind]}")
 

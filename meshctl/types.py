@@ -47,7 +47,9 @@ class SlotOutcome:
 
     server_round: int
     slot: int
-    status: str  # "ok", "error" (bad or failed reply) or "timeout"
+    # "ok", "error" (a bad or failed reply), "timeout", or "lost" (the mesh
+    # itself gave no answer: says nothing about the client)
+    status: str
     duration_s: float
     num_examples: int = 0
     train_loss: float | None = None

@@ -543,3 +543,12 @@ def test_meshctl_run_refuses_a_bad_state_file_naming_it(
     assert result.exit_code == 4, result.output
     unwrapped = "".join(result.output.split())  # the console wraps long lines
     assert f"{state_path}:version:" in unwrapped
+
+
+def test_a_state_file_that_cannot_be_written_stops_the_controller_at_start(
+    tmp_path,
+) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    with pytest.raises(ControllerStateError, match="cannot write in"):
+        _controller((tmp_path / "routing", blocker / "state.json"))

@@ -49,7 +49,12 @@ def test_every_kind_parses() -> None:
         ("crash:c-01@5", "round 5 is not between 1"),
         ("melt:c-01@2", "unknown kind 'melt'"),
         ("slow:c-01@2", "slow needs xFACTOR"),
-        ("slow:c-01x0.5@2", "at least 1x slower"),
+        ("slow:c-01x0.5@2", "1x to 1000x slower, not 0.5x"),
+        ("slow:c-01x-2@2", "1x to 1000x slower, not -2x"),
+        ("slow:c-01x1e400@2", "not infx"),
+        ("slow:c-01xnan@2", "not nanx"),
+        ("fail:c-01x.5.5@2", "factor '.5.5' is not a number"),
+        ("crash:c-01@1,,nan:c-02@2", "item 2 is empty"),
         ("fail:c-01x1.5@2", "must be in (0, 1]"),
         ("nan:c-01x2@2", "nan takes no xFACTOR"),
         ("nan:c-01@2+1", "only crash takes +ROUNDS"),
@@ -66,6 +71,11 @@ def test_a_bad_item_is_named_with_what_is_wrong(spec: str, says: str) -> None:
         faults.parse(spec, CLIENTS, rounds=4)
     assert says in str(caught.value)
     assert "--faults item" in str(caught.value)
+
+
+def test_a_share_written_without_its_zero_is_a_share() -> None:
+    (fault,) = faults.parse("fail:c-01x.5@2", CLIENTS, rounds=4)
+    assert fault.factor == 0.5
 
 
 def test_node_config_carries_only_the_clients_own_faults() -> None:
@@ -159,6 +169,23 @@ def test_a_mesh_restart_lands_inside_its_round_before_the_report() -> None:
     injector.settle(2)  # the report waits for both restarts
     assert sorted(recorder.calls) == [("controller", ""), ("envoy", "")]
     assert all(e["took_s"] >= 0.05 for e in injector.events)
+
+
+def test_every_fault_is_in_the_events_of_its_round() -> None:
+    spec = "slow:c-01x4@1,fail:c-02x0.25@2,nan:c-03@2,crash:c-04@1"
+    injector = faults.FaultInjector(
+        faults.parse(spec, CLIENTS, 3), Recorder().actions(), mid_round_s=0
+    )
+    for server_round in (1, 2):
+        injector.armed(server_round, ["c-04"])
+        injector.evaluated(server_round)
+    injector.close()
+
+    whats = {e["fault"]: e["what"] for e in injector.events}
+    assert whats["slow:c-01x4@1"] == "c-01 computes 4x slower from now"
+    assert whats["fail:c-02x0.25@2"] == "c-02 fails 25% of its requests from now"
+    assert whats["nan:c-03@2"] == "c-03's reply carries NaN weights"
+    assert {e["round"] for e in injector.events} == {1, 2}
 
 
 def test_a_fault_that_fails_to_land_is_reported_and_the_run_goes_on() -> None:

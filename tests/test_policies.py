@@ -205,6 +205,26 @@ def test_mesh_rests_a_client_whose_rounds_failed_on_the_server() -> None:
     assert selection.scores["a"] == 0.0
 
 
+def test_mesh_holds_nothing_against_a_client_whose_request_the_mesh_lost() -> None:
+    policy = MeshPolicy(MeshSettings(exploration=0.0, hysteresis=0.0))
+    telemetry = {c: _observed(c, 100.0) for c in ("a", "b")}
+    history = {"a": [_feedback("a", examples=0, loss=0.0, status="lost")]}
+    given = SelectionInput(
+        server_round=2,
+        candidates=["a", "b"],
+        per_round=2,
+        telemetry=telemetry,
+        history=history,
+    )
+
+    selection = policy.select(given, random.Random(0))
+
+    # Envoy went away under the request: a scores as b does, and is chosen.
+    assert selection.scores["a"] == pytest.approx(selection.scores["b"])
+    assert selection.scores["a"] > 0
+    assert set(selection.clients) == {"a", "b"}
+
+
 def test_mesh_gives_a_client_idle_too_long_a_probe_slot() -> None:
     policy = MeshPolicy(MeshSettings(exploration=0.0, max_idle_rounds=2))
     telemetry = {"a": _observed("a", 100.0), "b": _observed("b", 100.0)}

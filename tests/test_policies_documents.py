@@ -148,6 +148,21 @@ def test_each_bad_field_is_reported_on_its_line(tmp_path, spec, expected) -> Non
     assert caught.value.problems[0].startswith(f"{path}{expected}")
 
 
+def test_a_bad_common_field_is_reported_once(tmp_path) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        "apiVersion: meshctl.io/v1alpha1\nkind: SelectionPolicy\n"
+        "metadata: {name: p}\nspec:\n  algorithm: mesh\n  clientsPerRound: -3\n"
+    )
+
+    with pytest.raises(documents.PolicyDocumentError) as caught:
+        documents.load_file(path)
+
+    assert caught.value.problems == [
+        f"{path}:6: spec.clientsPerRound: -3 is less than the minimum of 1"
+    ]
+
+
 def test_a_yaml_syntax_error_names_its_line(tmp_path) -> None:
     path = _write(tmp_path, "spec:\n  algorithm: [oort\n  clientsPerRound: 3\n")
 

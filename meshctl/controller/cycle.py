@@ -150,6 +150,7 @@ class Controller:
         # last round's routes cannot be kept blindly until a round is applied.
         self._routes_unknown = False
         if self._store is not None:
+            self._store.check_writable()
             self._recover(self._store, discard_bad_state)
 
     @property

@@ -31,7 +31,7 @@ from meshctl.types import ClientState, ClientTelemetry
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 # Exact mode routes a slot's whole traffic to one client.
 EXACT_ROUTE_WEIGHT = 100
-SLOT_STATUSES = ("ok", "error", "timeout")
+SLOT_STATUSES = ("ok", "error", "timeout", "lost")
 CYCLE_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 

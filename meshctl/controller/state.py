@@ -34,6 +34,7 @@ import json
 import math
 import os
 import random
+import tempfile
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -100,6 +101,22 @@ class StateStore:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+
+    def check_writable(self) -> None:
+        """Raise :class:`ControllerStateError` unless a state can be saved here.
+
+        Checked at start: a volume mounted at the wrong path would otherwise
+        only show as a failed save after every round.
+        """
+        directory = self.path.parent
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=directory):
+                pass
+        except OSError as exc:
+            raise ControllerStateError(
+                self.path, "(directory)", f"cannot write in {directory}: {exc}"
+            ) from exc
 
     def load(self) -> ControllerState | None:
         """The saved state, or None when there is no file yet."""

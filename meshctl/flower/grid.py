@@ -5,7 +5,9 @@ node ids are the slots that the controller armed for the round, and every messag
 goes to the same address, the mesh, with the slot and the round in headers.  The
 routes decide which client stands behind a slot; the server never learns it.
 
-Each reply is checked before a strategy sees it: a failed request, a late reply or
+A request the mesh itself never answers (the connection to Envoy fails) is
+``lost``, not the client's failure.  Each reply is checked before a strategy
+sees it: a failed request, a late reply or
 an update of the wrong shape, dtype or size, or with non-finite values, becomes an
 error reply, which Flower's strategies leave out of the aggregate.  One bad reply
 never aborts a round.
@@ -183,7 +185,10 @@ class MeshGrid(Grid):
         except httpx.TimeoutException:
             return self._failed(message, started, "timeout", ERROR_TIMEOUT, "deadline")
         except httpx.HTTPError as exc:
-            return self._failed(message, started, "error", ERROR_TRANSPORT, str(exc))
+            # No answer from the mesh itself (Envoy down or restarting): the
+            # request may never have reached the client, so it is not held
+            # against it.
+            return self._failed(message, started, "lost", ERROR_TRANSPORT, str(exc))
         except BadReply as exc:
             return self._failed(message, started, "error", ERROR_BAD_REPLY, str(exc))
         if status != 200:

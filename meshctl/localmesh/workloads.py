@@ -105,19 +105,23 @@ class LocalWorkloads:
         log.warning("client service %s (pid %s) was killed", name, proc.pid)
 
     def restart(self, name: str) -> None:
-        """Start a stopped or crashed client service again, on the same port.
+        """Start a client service again, on the same port; killed first if it runs.
 
         As a kubelet restarts a container: the same spec and address, so the
         routes that name it need no change.  Returns without waiting for
         readiness; :meth:`ready` says when it answers again.
         """
         proc = self._process(name)
-        if proc.poll() is None:
-            raise WorkloadError(f"client service {name} still runs as pid {proc.pid}")
+        if proc.poll() is None:  # hung rather than dead: stopped first
+            self.kill(name)
         self._start_one(self._specs[name], port=self._workloads[name].port)
         log.warning(
             "client service %s restarted as pid %s", name, self._procs[name].pid
         )
+
+    def pid(self, name: str) -> int:
+        """The process id of the client service's current process."""
+        return self._process(name).pid
 
     def alive(self, name: str) -> bool:
         """True while the client service's process runs."""

@@ -418,7 +418,11 @@ def _problems(obj: Any, source: str, node: yaml.Node | None) -> list[str]:
             where = path + ([leaf] if leaf is not None else [])
             field = ".".join(str(p) for p in where) or "(document)"
             found.append((_line_of(node, where), field, _message(error, leaf)))
-    return [f"{source}:{line}: {field}: {text}" for line, field, text in sorted(found)]
+    # A field the common schema and an algorithm's section both describe is
+    # reported once.
+    return [
+        f"{source}:{line}: {field}: {text}" for line, field, text in sorted(set(found))
+    ]
 
 
 def _named_keys(error: jsonschema.ValidationError) -> list[str]:

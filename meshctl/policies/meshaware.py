@@ -210,6 +210,8 @@ class MeshPolicy:
 
     def _observe_outcome(self, estimate: _Estimate, outcome: SlotOutcome) -> None:
         estimate.heard_round = max(estimate.heard_round, outcome.server_round)
+        if outcome.status == "lost":
+            return  # the mesh failed, not the client: nothing to learn of it
         failed = 0.0 if outcome.status == "ok" else 1.0
         if estimate.failure_ratio is None:
             estimate.failure_ratio = failed

@@ -155,7 +155,9 @@ class Hysteresis:
     ) -> str:
         """Why the live selection cannot stay, or "" when it can."""
         if len(live) != len(proposed):
-            return f"{len(proposed)} clients asked for, {len(live)} routed"
+            return (
+                f"the policy proposes {len(proposed)} clients, {len(live)} are routed"
+            )
         gone = [client for client in live if client not in ready]
         if gone:
             return f"no ready endpoint for live client(s) {', '.join(gone)}"
