@@ -110,20 +110,21 @@ def test_histogram_quantile_interpolates_like_prometheus(
 
 
 def test_prometheus_text_is_parsed_per_subset_of_the_host() -> None:
+    c04 = 'envoy_cluster_name="outbound|80|c-04|fl-clients"'
     text = """\
 # TYPE envoy_cluster_upstream_rq_total counter
-envoy_cluster_upstream_rq_total{envoy_cluster_name="outbound|80|c-04|fl-clients"} 7
+envoy_cluster_upstream_rq_total{C04} 7
 envoy_cluster_upstream_rq_total{envoy_cluster_name="outbound|80||fl-clients"} 9
 envoy_cluster_upstream_rq_total{envoy_cluster_name="outbound|80|c-04|other"} 9
 # TYPE envoy_cluster_upstream_rq_xx counter
-envoy_cluster_upstream_rq_xx{envoy_response_code_class="2",envoy_cluster_name="outbound|80|c-04|fl-clients"} 6
-envoy_cluster_upstream_rq_xx{envoy_response_code_class="5",envoy_cluster_name="outbound|80|c-04|fl-clients"} 1
+envoy_cluster_upstream_rq_xx{envoy_response_code_class="2",C04} 6
+envoy_cluster_upstream_rq_xx{envoy_response_code_class="5",C04} 1
 # TYPE envoy_cluster_upstream_rq_time histogram
-envoy_cluster_upstream_rq_time_bucket{envoy_cluster_name="outbound|80|c-04|fl-clients",le="5"} 3
-envoy_cluster_upstream_rq_time_bucket{envoy_cluster_name="outbound|80|c-04|fl-clients",le="+Inf"} 7
-envoy_cluster_upstream_rq_time_sum{envoy_cluster_name="outbound|80|c-04|fl-clients"} 70
-envoy_cluster_upstream_rq_time_count{envoy_cluster_name="outbound|80|c-04|fl-clients"} 7
-"""  # noqa: E501
+envoy_cluster_upstream_rq_time_bucket{C04,le="5"} 3
+envoy_cluster_upstream_rq_time_bucket{C04,le="+Inf"} 7
+envoy_cluster_upstream_rq_time_sum{C04} 70
+envoy_cluster_upstream_rq_time_count{C04} 7
+""".replace("C04", c04)
 
     parsed = envoystats.parse_prometheus(text)
 
