@@ -227,6 +227,7 @@ class FaultInjector:
         # started by a thread is stopped when that thread ends (see
         # meshctl.localmesh.processes), and a restarted Envoy must live on.
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="faults")
+        self._closing = threading.Event()
         self._lock = threading.Lock()
         self.events: list[dict] = []
 
@@ -274,10 +275,14 @@ class FaultInjector:
                 )
 
     def close(self) -> None:
-        """Wait for every restart still running, then stop the restart thread."""
-        for server_round in list(self._pending):
-            self.settle(server_round)
-        self._worker.shutdown(wait=True)
+        """Stop the restart thread; a restart not yet due is dropped.
+
+        A run that ends normally has settled every round already; one that is
+        interrupted must not restart what it is about to stop.
+        """
+        self._closing.set()
+        self._worker.shutdown(wait=True, cancel_futures=True)
+        self._pending.clear()
 
     def _of_round(self, server_round: int) -> list[Fault]:
         return [f for f in self.faults if f.server_round == server_round]
@@ -292,7 +297,8 @@ class FaultInjector:
         due = self._clock() + self._mid_round_s
 
         def later() -> None:
-            time.sleep(max(0.0, due - self._clock()))
+            if self._closing.wait(max(0.0, due - self._clock())):
+                return  # the run is ending
             self._act(fault, f"{name} restarted in the middle of the round", action)
 
         future = self._worker.submit(later)

@@ -188,6 +188,22 @@ def test_every_fault_is_in_the_events_of_its_round() -> None:
     assert {e["round"] for e in injector.events} == {1, 2}
 
 
+def test_a_restart_not_yet_due_is_dropped_when_the_run_ends() -> None:
+    recorder = Recorder()
+    injector = faults.FaultInjector(
+        faults.parse("envoy-restart@1", CLIENTS, 2),
+        recorder.actions(),
+        mid_round_s=30.0,
+    )
+    injector.armed(1, ["c-01"])
+    started = time.monotonic()
+
+    injector.close()  # an interrupted run unwinding
+
+    assert recorder.calls == [] and injector.events == []
+    assert time.monotonic() - started < 5.0
+
+
 def test_a_fault_that_fails_to_land_is_reported_and_the_run_goes_on() -> None:
     def broken() -> None:
         raise RuntimeError("no such process")

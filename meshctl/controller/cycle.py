@@ -390,8 +390,8 @@ class Controller:
         self._hysteresis.restore(hysteresis)
         self._rng.setstate(saved.rng_state)
         log.info(
-            "recovered the controller state from %s: %d rounds (last %s), feedback "
-            "of %d clients, %s",
+            "recovered the controller state from %s: %d round(s) (last %s), "
+            "feedback of %d client(s), %s",
             path,
             len(self.records),
             self.records[-1].server_round if self.records else "none",
