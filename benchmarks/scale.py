@@ -9,9 +9,17 @@ Synthetic telemetry for N clients goes through every stage of a cycle:
 - ``prometheus``: a :class:`PrometheusSource` reads a tiny fake Prometheus
   over loopback that answers every query with N pods; the HTTP requests are
   counted (a fixed set, whatever N);
-- ``score_mesh`` and ``score_oort``: each policy chooses K of the N clients;
+- ``score_mesh`` and ``score_oort``: each policy chooses K of the N clients
+  from the Prometheus telemetry, a column per figure; on the local path the
+  policy first turns the Envoy window, a mapping of client to row, into such a
+  table (``envoy_table``);
 - ``render``, ``plan`` and ``validate`` (meshctl's rules and the Istio CRD
-  schemas) of the routed objects, over the objects of the previous cycle.
+  schemas) of the routed objects, over the objects of the previous cycle;
+
+and, apart from the stages, ``arm_s``: a whole ``Controller.arm`` over the same
+fake Prometheus with the mesh policy, the routes written to a routing
+directory and the controller's state file written after it, as ``meshctl run``
+arms a round (its metrics included).
 
 Prints, per N, the median seconds per stage and per cycle over a few
 repetitions, the peak memory of one more cycle (tracemalloc, which slows
@@ -22,8 +30,10 @@ requests and the routed objects' size in bytes, with ratios against the
 A controller's cycle reads one telemetry source and runs one policy, so two
 cycles are summed from the stages: the production path (``prometheus``,
 ``score_mesh``, render, plan, validate) and the local path (``envoy_stats``
-instead of ``prometheus``); the last line says whether the production cycle
-at 100,000 clients took under a second.
+and ``envoy_table`` instead of ``prometheus``); the last line says whether the
+production cycle at 100,000 clients took under a second.  The Envoy window is
+dropped before Prometheus is read, as a controller holds only its own
+source's telemetry.
 
     .venv/bin/python benchmarks/scale.py [--clients 1000 10000 100000] [--repeat 3]
 """
@@ -34,8 +44,8 @@ import argparse
 import json
 import os
 import random
-import re
 import statistics
+import tempfile
 import threading
 import time
 import tracemalloc
@@ -47,8 +57,11 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 from meshctl import policies, protocol
+from meshctl.backends.directory import DirectoryBackend
+from meshctl.controller.cycle import Controller
 from meshctl.policies.base import SelectionInput
 from meshctl.routing import plan_transition, render_exact, validate
+from meshctl.table import TelemetryTable
 from meshctl.telemetry import envoystats
 from meshctl.telemetry.prometheus import PrometheusSource
 from meshctl.types import ClientTelemetry
@@ -57,6 +70,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CRDS = ROOT.parent / "shared" / "data" / "istio" / "crd-all.gen.yaml"
 STAGES = (
     "envoy_stats",
+    "envoy_table",
     "prometheus",
     "score_mesh",
     "score_oort",
@@ -67,7 +81,7 @@ STAGES = (
 _LATENCY_BOUNDS_MS = (1, 5, 10, 50, 100, 500, 1000, 5000)
 ROUTING = ("render", "plan", "validate")
 PRODUCTION = ("prometheus", "score_mesh", *ROUTING)
-LOCAL = ("envoy_stats", "score_mesh", *ROUTING)
+LOCAL = ("envoy_stats", "envoy_table", "score_mesh", *ROUTING)
 GOAL_CLIENTS, GOAL_S = 100_000, 1.0
 
 
@@ -126,33 +140,53 @@ def envoy_window(
 
 # ------------------------------------------------------------ a fake Prometheus
 
+# What in a query's text says which of the cycle's figures it asks for.
+_QUERY_MARKERS = (
+    ("histogram_quantile(0.5,", "p50"),
+    ("histogram_quantile(0.95,", "p95"),
+    ("meshctl_fl_train_loss", "loss"),
+    ("meshctl_fl_train_examples", "examples"),
+    ("meshctl_fl_local_train_seconds", "train_s"),
+    ("by (destination_pod)", "mesh"),
+    ('response_code=~"5..|0"', "errors"),
+)
+
 
 class FakePrometheus:
-    """Answers every instant query with one sample per pod; counts requests.
+    """Answers each of a cycle's queries with plausible values per pod; counts
+    requests.
 
     As Prometheus does for ``sum by (label)``, a sample carries only the label
     the query groups by (``pod``, or ``destination_pod`` for mesh failures).
+    One pod in twenty served nothing in the window (no destination series), and
+    one in twenty has mesh failures (the only pods with such a series).
     """
 
     def __init__(self, clients: list[str], seed: int = 0) -> None:
         rng = random.Random(seed)
         self.requests = 0
         self._lock = threading.Lock()
-        values = [f"{rng.uniform(0.01, 2):.4f}" for _ in clients]
-        self._vectors = {
-            label: json.dumps(
-                {
-                    "status": "success",
-                    "data": {
-                        "resultType": "vector",
-                        "result": [
-                            {"metric": {label: c}, "value": [1e9, v]}
-                            for c, v in zip(clients, values, strict=True)
-                        ],
-                    },
-                }
-            ).encode()
-            for label in ("pod", "destination_pod")
+        served = [c for c in clients if rng.random() >= 0.05]
+        p50 = [rng.uniform(20, 500) for _ in served]
+        figures: dict[str, list[tuple[str, float]]] = {
+            "rate": [(c, rng.uniform(0.1, 2)) for c in served],
+            "errors": [
+                (c, rng.choice([0.0, 0.0, rng.uniform(0, 0.2)])) for c in served
+            ],
+            "p50": list(zip(served, p50, strict=True)),
+            "p95": [
+                (c, v * rng.uniform(1, 4)) for c, v in zip(served, p50, strict=True)
+            ],
+            "mesh": [
+                (c, rng.uniform(0.01, 0.5)) for c in clients if rng.random() < 0.05
+            ],
+            "loss": [(c, rng.uniform(0.01, 2)) for c in clients],
+            "examples": [(c, float(rng.randint(100, 5000))) for c in clients],
+            "train_s": [(c, rng.uniform(1, 100)) for c in clients],
+        }
+        self._answers = {
+            name: self._vector("destination_pod" if name == "mesh" else "pod", series)
+            for name, series in figures.items()
         }
         self._config = json.dumps(
             {"status": "success", "data": {"yaml": "global:\n  scrape_interval: 15s\n"}}
@@ -160,6 +194,15 @@ class FakePrometheus:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @staticmethod
+    def _vector(label: str, series: list[tuple[str, float]]) -> bytes:
+        result = [{"metric": {label: c}, "value": [1e9, f"{v:.4f}"]} for c, v in series]
+        answer = {
+            "status": "success",
+            "data": {"resultType": "vector", "result": result},
+        }
+        return json.dumps(answer, separators=(",", ":")).encode()
 
     @property
     def url(self) -> str:
@@ -170,12 +213,12 @@ class FakePrometheus:
         self.server.server_close()
 
     def _vector_for(self, path: str) -> bytes:
-        """The answer to the query in ``path``, by the label it groups by."""
+        """The answer to the query in ``path``, by what it asks for."""
         query = parse_qs(urlsplit(path).query).get("query", [""])[0]
-        grouped = re.search(r"by \((\w+)", query)
-        return self._vectors.get(
-            grouped.group(1) if grouped else "", self._vectors["pod"]
-        )
+        for marker, name in _QUERY_MARKERS:
+            if marker in query:
+                return self._answers[name]
+        return self._answers["rate"]
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         fake = self
@@ -265,11 +308,15 @@ class Cycle:
         result = CycleResult()
         self.round += 1
         with _timed(result, "envoy_stats"):
-            telemetry = envoy_window(self._older, self._newer_text)
+            window = envoy_window(self._older, self._newer_text)
+        with _timed(result, "envoy_table"):
+            telemetry = TelemetryTable.of(window)
+        del window
         if self.source is not None:
+            del telemetry
             before = self.fake.requests
             with _timed(result, "prometheus"):
-                self.source.read(60.0)
+                telemetry = self.source.read(60.0)
             result.prometheus_requests = self.fake.requests - before
 
         chosen: tuple[str, ...] = ()
@@ -304,6 +351,44 @@ class Cycle:
         return result
 
 
+class ControllerCycle:
+    """A whole :meth:`Controller.arm` for N clients, as ``meshctl run`` does it:
+    the Prometheus read, the mesh policy, the routes written to a directory
+    (validated first) and the state file written after the arm."""
+
+    def __init__(
+        self, n: int, *, per_round: int = 10, schemas: dict | None = None
+    ) -> None:
+        clients = client_ids(n)
+        self.per_round = per_round
+        self.fake = FakePrometheus(clients)
+        self.source = PrometheusSource(self.fake.url, clock=lambda: 1e9)
+        self._dir = tempfile.TemporaryDirectory(prefix="meshctl-scale-")
+        work = Path(self._dir.name)
+        self.controller = Controller(
+            clients=clients,
+            policy=policies.create("mesh"),
+            telemetry=self.source,
+            backend=DirectoryBackend(work / "routing", schemas=schemas),
+            wait=lambda step: 0.0,
+            ready=lambda: clients,
+            state_path=work / "state.json",
+        )
+        self.round = 0
+
+    def arm_s(self) -> float:
+        """Seconds one arm took."""
+        self.round += 1
+        started = time.perf_counter()
+        self.controller.arm(self.round, self.per_round)
+        return time.perf_counter() - started
+
+    def close(self) -> None:
+        self.source.close()
+        self.fake.stop()
+        self._dir.cleanup()
+
+
 # ---------------------------------------------------------------------- report
 
 
@@ -331,7 +416,14 @@ def measure(n: int, repeat: int, schemas: dict | None) -> dict:
     finally:
         cycle.close()
     stages = {s: _median(results, s) for s in STAGES}
+    controller = ControllerCycle(n, schemas=schemas)
+    try:
+        controller.arm_s()  # warm-up: the first state file, the first routes
+        arm_s = statistics.median(controller.arm_s() for _ in range(repeat))
+    finally:
+        controller.close()
     return {
+        "arm_s": arm_s,
         "n": n,
         "stages": stages,
         "cycle_s": statistics.median(sum(r.seconds.values()) for r in results),
@@ -353,6 +445,7 @@ def _print(rows: list[dict]) -> None:
         "x base",
         "production_s",
         "local_s",
+        "arm_s",
         "peak MiB",
         "queries",
         "bytes",
@@ -367,6 +460,7 @@ def _print(rows: list[dict]) -> None:
             f"{ratio:>10.1f}x",
             f"{row['production_s']:>11.4f}",
             f"{row['local_s']:>11.4f}",
+            f"{row['arm_s']:>11.4f}",
             f"{row['peak_mib']:>11.1f}",
             f"{row['requests']:>11}",
             f"{row['object_bytes']:>11,}",
@@ -403,7 +497,8 @@ def goal_line(rows: list[dict]) -> str:
     return (
         f"goal: production cycle ({paths}) at {GOAL_CLIENTS:,} clients in "
         f"{row['production_s']:.3f} s, under {GOAL_S:g} s: {verdict} "
-        f"(local Envoy path: {row['local_s']:.3f} s)"
+        f"(a whole controller arm, routes and state file written: "
+        f"{row['arm_s']:.3f} s; local Envoy path: {row['local_s']:.3f} s)"
     )
 
 

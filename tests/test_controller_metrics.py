@@ -104,3 +104,35 @@ def test_clients_by_state_follow_the_last_telemetry(served) -> None:
 
 def _client(metric: str, client: str) -> tuple[str, tuple]:
     return (f"meshctl_controller_client_{metric}", (("client", client),))
+
+
+def test_client_scores_are_those_of_the_last_armed_round(served) -> None:
+    controller, telemetry, url = served
+    controller.arm(1, 2)
+    controller.policy = policies.create("mesh")
+    telemetry.clients = {
+        c: ClientTelemetry(c, ClientState.OBSERVED, 10, 1.0, 0.0, 50.0, 90.0)
+        for c in CLIENTS
+    }
+    controller.arm(2, 2)
+
+    samples = _samples(httpx.get(f"{url}/metrics").text)
+
+    scores = {c: samples.get(_client("score", c)) for c in CLIENTS}
+    assert scores == pytest.approx(dict(controller.records[-1].scores))
+
+
+def test_older_records_keep_their_decision_but_not_every_clients_detail(
+    served,
+) -> None:
+    controller, telemetry, url = served
+    telemetry.clients = {
+        "c-00": ClientTelemetry("c-00", ClientState.OBSERVED, 10, 1.0, 0.0),
+    }
+    for server_round in range(1, 5):
+        controller.arm(server_round, 2)
+
+    first, *_, before_last, last = controller.records
+    assert first.selected and first.routing_version
+    assert first.telemetry == {} and first.scores == {} and first.reasons == {}
+    assert "c-00" in before_last.telemetry and "c-00" in last.telemetry

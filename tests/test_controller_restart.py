@@ -313,7 +313,7 @@ def test_another_policy_keeps_the_history_but_not_the_memory(paths, caplog) -> N
         restarted = _controller(paths, "mesh")
 
     assert _history(restarted) == history
-    assert restarted.policy._estimates == {}
+    assert restarted.policy._estimates.clients == []
     assert "saved with policy oort" in caplog.text
 
 
@@ -364,6 +364,50 @@ def test_an_unusable_state_file_is_refused_naming_the_file_and_field(
     assert str(state_path) in str(raised.value)
     assert raised.value.field == field_name
     assert field_name in str(raised.value)
+
+
+MESH_MEMORY = "policy.memory._estimates"
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "field_name"),
+    [
+        pytest.param("items", ["fast"], "latency_level", id="not-numbers"),
+        pytest.param("items", [True], "latency_level", id="booleans"),
+        pytest.param("dtype", "<U4", "latency_level", id="strings"),
+        pytest.param("items", None, "latency_level", id="no-items"),
+    ],
+)
+def test_a_malformed_column_of_mesh_memory_is_named(
+    paths, column, value, field_name
+) -> None:
+    _, state_path = paths
+    _armed_twice(paths, "mesh")
+    document = json.loads(state_path.read_text())
+    document["policy"]["memory"]["_estimates"]["fields"][field_name][column] = value
+    state_path.write_text(json.dumps(document))
+
+    with pytest.raises(ControllerStateError) as raised:
+        _controller(paths, "mesh")
+
+    assert raised.value.field == f"{MESH_MEMORY}.{field_name}"
+
+
+def test_mesh_memory_whose_columns_disagree_is_relearnt_from_the_history(
+    paths, caplog
+) -> None:
+    _, state_path = paths
+    history = _history(_armed_twice(paths, "mesh"))
+    document = json.loads(state_path.read_text())
+    document["policy"]["memory"]["_estimates"]["fields"]["utility"]["items"] = [1.0]
+    state_path.write_text(json.dumps(document))
+
+    with caplog.at_level(logging.WARNING, logger="meshctl.controller"):
+        restarted = _controller(paths, "mesh")
+
+    assert _history(restarted) == history
+    assert restarted.policy._estimates.clients == []
+    assert "utility must hold one value per client" in caplog.text
 
 
 def test_a_bad_outcome_in_the_history_is_named(paths) -> None:

@@ -199,3 +199,38 @@ def test_any_figures_give_a_state_and_only_finite_numbers(figures, window_s) -> 
     telemetry = promsource.client_telemetry("c-01", figures, window_s)
     assert isinstance(telemetry.state, ClientState)
     _assert_finite(telemetry)
+
+
+@fuzz(300)
+@given(body=BODIES, compact=st.booleans())
+@example(
+    body={"data": {"result": [{"metric": {"pod": "c-01"}, "value": [1, "+Inf"]}]}},
+    compact=True,
+)
+@example(
+    body={"data": {"result": [{"metric": {"pod": "+Inf"}, "value": [1, "-0"]}]}},
+    compact=True,
+)
+def test_the_fast_reading_of_an_answer_is_the_general_one_or_none(
+    body, compact
+) -> None:
+    text = json.dumps(body, separators=(",", ":") if compact else None)
+    reader = promsource.PrometheusSource("http://127.0.0.1:9")  # no request is made
+
+    typed = promsource._decode_vector(text.encode(), "pod")
+
+    if typed is None:
+        return
+    try:
+        general = reader._read_vector(text.encode(), "pod", "fuzz")
+    except promsource.PrometheusError as exc:
+        raise AssertionError(
+            f"the fast reading took what the other refused: {exc}"
+        ) from exc
+    clients, values = typed
+    fast = dict(zip(clients, values.tolist(), strict=True))  # the last one wins
+    assert fast.keys() == general.keys()
+    for client, value in fast.items():
+        assert value == general[client] or (
+            math.isnan(value) and math.isnan(general[client])
+        )

@@ -5,11 +5,13 @@ from __future__ import annotations
 import math
 import random
 
+import numpy as np
 import pytest
 
-from meshctl import policies
+from meshctl import policies, table
 from meshctl.policies.base import SelectionInput
 from meshctl.policies.meshaware import MeshPolicy, MeshSettings
+from meshctl.table import TelemetryTable
 from meshctl.types import ClientFeedback, ClientState, ClientTelemetry, SlotOutcome
 
 CLIENTS = [f"c-{i:02d}" for i in range(10)]
@@ -360,3 +362,66 @@ def test_mesh_tries_an_unmeasured_client_before_one_that_just_failed() -> None:
 
     assert "c-00" not in selection.clients
     assert "c-01" in selection.clients
+
+
+def _many(n: int, reliable: set[str], seed: int = 0) -> TelemetryTable:
+    """N observed clients at 500 to 2000 ms failing 30% of their requests, but
+    ``reliable`` failing none."""
+    rng = np.random.default_rng(seed)
+    clients = [f"c-{i:06d}" for i in range(n)]
+    errors = np.full(n, 0.3)
+    errors[[clients.index(c) for c in reliable]] = 0.0
+    return TelemetryTable(
+        clients,
+        state=np.full(n, table.OBSERVED),
+        requests=np.full(n, 10),
+        figures={
+            "requests_per_s": np.ones(n),
+            "error_ratio": errors,
+            "latency_p95_ms": rng.uniform(500, 2000, n),
+        },
+    )
+
+
+def test_mesh_finds_the_ten_reliable_clients_among_twenty_thousand() -> None:
+    reliable = {f"c-{i:06d}" for i in range(7, 20_000, 1999)}
+    telemetry = _many(20_000, reliable)
+    policy = MeshPolicy(MeshSettings(exploration=0.0, hysteresis=0.0))
+
+    selection = policy.select(
+        SelectionInput(
+            server_round=2,
+            candidates=list(telemetry),
+            per_round=len(reliable),
+            telemetry=telemetry,
+        ),
+        random.Random(0),
+    )
+
+    # Below the expected straggler speed is 1 for all; reliability (1 - 0.3)^2
+    # = 0.49 for the others.
+    assert set(selection.clients) == reliable
+    assert len(selection.scores) == 20_000
+    others = [v for c, v in selection.scores.items() if c not in reliable]
+    assert max(others) <= 0.49 * min(selection.scores[c] for c in reliable) + 1e-9
+
+
+def test_mesh_chooses_the_same_from_a_table_and_from_its_rows() -> None:
+    telemetry = _many(500, {"c-000003", "c-000042"}, seed=3)
+    rows = {client: telemetry[client] for client in telemetry}
+    chosen = []
+    for given in (telemetry, rows):
+        policy = MeshPolicy()
+        for server_round in range(1, 6):
+            selection = policy.select(
+                SelectionInput(
+                    server_round=server_round,
+                    candidates=list(rows),
+                    per_round=5,
+                    telemetry=given,
+                ),
+                random.Random(server_round),
+            )
+        chosen.append((selection.clients, selection.scores, selection.reasons))
+
+    assert chosen[0] == chosen[1]

@@ -53,11 +53,12 @@ def test_the_last_line_says_whether_the_production_cycle_met_one_second(
     scale,
 ) -> None:
     rows = [
-        {"n": 1_000, "production_s": 0.05, "local_s": 0.06},
-        {"n": 100_000, "production_s": 0.8, "local_s": 4.0},
+        {"n": 1_000, "production_s": 0.05, "local_s": 0.06, "arm_s": 0.07},
+        {"n": 100_000, "production_s": 0.8, "local_s": 4.0, "arm_s": 0.9},
     ]
 
-    assert ": met (local Envoy path: 4.000 s)" in scale.goal_line(rows)
+    assert ": met (a whole controller arm" in scale.goal_line(rows)
+    assert "written: 0.900 s; local Envoy path: 4.000 s)" in scale.goal_line(rows)
     rows[1]["production_s"] = 1.2
     assert "in 1.200 s, under 1 s: NOT met" in scale.goal_line(rows)
     assert "not measured" in scale.goal_line(rows[:1])
@@ -67,5 +68,5 @@ def test_the_production_and_local_cycles_sum_their_own_stages(scale) -> None:
     result = scale.CycleResult(seconds={s: 1.0 for s in scale.STAGES})
     result.seconds["prometheus"] = 10.0
 
-    assert scale._cycle_s([result], scale.PRODUCTION) == 14.0
-    assert scale._cycle_s([result], scale.LOCAL) == 5.0
+    assert scale._cycle_s([result], scale.PRODUCTION) == 14.0  # no Envoy stage
+    assert scale._cycle_s([result], scale.LOCAL) == 6.0  # no Prometheus

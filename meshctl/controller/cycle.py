@@ -58,13 +58,21 @@ class RoutingBackend(Protocol):
     ) -> list[float]: ...
 
 
+# Records that keep their per-client detail: the round armed and the one before.
+_DETAILED_RECORDS = 2
+
+
 class ArmError(RuntimeError):
     """A round could not be armed; the routes in place stay as they were."""
 
 
 @dataclass(frozen=True)
 class RoundRecord:
-    """What the controller decided for one round, and how long applying took."""
+    """What the controller decided for one round, and how long applying took.
+
+    ``scores``, ``reasons`` and ``telemetry`` hold one entry per client; the
+    controller keeps them for its last two records only.
+    """
 
     server_round: int
     selected: tuple[str, ...]
@@ -203,11 +211,11 @@ class Controller:
                 served_waits_s=tuple(waits),
                 scores=dict(selection.scores),
                 reasons=dict(selection.reasons),
-                telemetry=dict(telemetry),
+                telemetry=telemetry,
                 weights=weights,
                 routing_note=note,
             )
-            self.records.append(record)
+            self._keep(record)
             self.metrics.round_armed(record, self.clients)
             self._save()
         log.info(
@@ -298,6 +306,18 @@ class Controller:
                 feedback.append(item)
             self._save()
             return feedback
+
+    def _keep(self, record: RoundRecord) -> None:
+        """Add the round's record; older records keep their decision, not the
+        per-client detail (scores, reasons, telemetry), so that memory does
+        not grow with rounds times clients."""
+        self.records.append(record)
+        del self.records[: -state.DEFAULT_ROUNDS_KEPT]
+        if len(self.records) > _DETAILED_RECORDS:
+            older = self.records[-_DETAILED_RECORDS - 1]
+            self.records[-_DETAILED_RECORDS - 1] = dataclasses.replace(
+                older, scores={}, reasons={}, telemetry={}
+            )
 
     def assignment(self, server_round: int) -> Mapping[int, str]:
         """The slot-to-client map of an armed round."""
@@ -537,7 +557,7 @@ class Controller:
             telemetry={},
             routing_note="no telemetry: the last good routes stay in place",
         )
-        self.records.append(record)
+        self._keep(record)
         self.metrics.round_armed(record, self.clients)
         self._save()
         log.warning(

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import math
 from collections import Counter as Tally
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Protocol
 
+import numpy as np
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -25,7 +26,9 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily
 
+from meshctl.table import STATES, TelemetryTable
 from meshctl.types import ClientState, ClientTelemetry
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -76,24 +79,8 @@ class ControllerMetrics:
             ["state"],
             registry=r,
         )
-        self.selected = Gauge(
-            "meshctl_controller_client_selected",
-            "1 when the live routes serve the client, else 0.",
-            ["client"],
-            registry=r,
-        )
-        self.weight = Gauge(
-            "meshctl_controller_client_weight",
-            "The client's route weight (100 per slot in exact mode).",
-            ["client"],
-            registry=r,
-        )
-        self.score = Gauge(
-            "meshctl_controller_client_score",
-            "The policy's score of the client at the last armed round.",
-            ["client"],
-            registry=r,
-        )
+        self._per_client = _PerClientSeries()
+        r.register(self._per_client)
         self.server_round = Gauge(
             "meshctl_controller_round",
             "The last round the controller armed.",
@@ -114,21 +101,13 @@ class ControllerMetrics:
             self.routing_changes.inc()
         self._last_version = record.routing_version
 
-        unobserved = ClientTelemetry(client="", state=ClientState.UNOBSERVED)
-        states = Tally(record.telemetry.get(c, unobserved).state for c in clients)
-        for state in ClientState:
-            self.clients.labels(state.value).set(states.get(state, 0))
-
-        selected = set(record.selected)
-        for client in clients:
-            weight = record.weights.get(client)
-            if weight is None:
-                weight = EXACT_ROUTE_WEIGHT * list(record.selected).count(client)
-            self.selected.labels(client).set(1 if client in selected else 0)
-            self.weight.labels(client).set(weight)
-            score = record.scores.get(client)
-            if score is not None and math.isfinite(score):
-                self.score.labels(client).set(score)
+        telemetry = TelemetryTable.of(record.telemetry)
+        rows = telemetry.rows_of(clients)
+        counts = np.bincount(telemetry.state[rows[rows >= 0]], minlength=len(STATES))
+        counts[STATES.index(ClientState.UNOBSERVED)] += int(np.sum(rows < 0))
+        for state, count in zip(STATES, counts.tolist(), strict=True):
+            self.clients.labels(state.value).set(count)
+        self._per_client.record, self._per_client.clients = record, tuple(clients)
 
     def _training_metrics(self) -> None:
         """The FL server's view of each round, set when the server reports it."""
@@ -183,3 +162,55 @@ class ControllerMetrics:
     def exposition(self) -> bytes:
         """Every series in Prometheus' text format."""
         return generate_latest(self.registry)
+
+
+class _PerClientSeries:
+    """The per-client series, read from the last armed round when scraped.
+
+    A collector rather than gauges set every round: a round's cost does not
+    grow with the clients' series, which a hundred thousand clients would make
+    a second per round; Prometheus pays for them when it scrapes.
+    """
+
+    def __init__(self) -> None:
+        self.record: RoundLike | None = None
+        self.clients: tuple[str, ...] = ()
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        return list(self._families())
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        selected, weight, score = self._families()
+        record = self.record
+        if record is not None:
+            slots = Tally(record.selected)
+            for client in self.clients:
+                routed = record.weights.get(client)
+                if routed is None:
+                    routed = EXACT_ROUTE_WEIGHT * slots.get(client, 0)
+                selected.add_metric([client], 1 if client in slots else 0)
+                weight.add_metric([client], routed)
+                value = record.scores.get(client)
+                if value is not None and math.isfinite(value):
+                    score.add_metric([client], value)
+        yield from (selected, weight, score)
+
+    @staticmethod
+    def _families() -> tuple[GaugeMetricFamily, ...]:
+        return (
+            GaugeMetricFamily(
+                "meshctl_controller_client_selected",
+                "1 when the live routes serve the client, else 0.",
+                labels=["client"],
+            ),
+            GaugeMetricFamily(
+                "meshctl_controller_client_weight",
+                "The client's route weight (100 per slot in exact mode).",
+                labels=["client"],
+            ),
+            GaugeMetricFamily(
+                "meshctl_controller_client_score",
+                "The policy's score of the client at the last armed round.",
+                labels=["client"],
+            ),
+        )

@@ -42,6 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from meshctl.files import atomic_write
 from meshctl.routing.hysteresis import HysteresisState
 from meshctl.types import ClientFeedback, SlotOutcome
@@ -56,6 +58,10 @@ DEFAULT_ROUNDS_KEPT = 64
 # Policy memory may hold instances of dataclasses from these packages only.
 _TRUSTED_MODULES = ("meshctl.policies", "meshctl.types")
 _TYPE = "$type"
+# Values that are their own JSON: no subclass, which could be an enum.
+_PLAIN = frozenset({str, int, float, bool, type(None)})
+# The arrays policy memory may hold, by dtype, and what each of their items is.
+_ARRAY_DTYPES: dict[str, type | tuple[type, ...]] = {"<f8": (float, int), "<i8": int}
 
 
 class ControllerStateError(RuntimeError):
@@ -241,7 +247,13 @@ def _encode(value: Any, where: str) -> Any:
         return {_TYPE: "enum", "class": _class_name(type(value)), "value": value.value}
     if value is None or isinstance(value, bool | int | float | str):
         return value
+    if isinstance(value, np.ndarray):
+        if value.ndim != 1 or value.dtype.str not in _ARRAY_DTYPES:
+            raise PolicyMemoryMismatch(f"{where}: a {value.dtype}{value.shape} array")
+        return {_TYPE: "array", "dtype": value.dtype.str, "items": value.tolist()}
     if isinstance(value, list):
+        if all(type(v) in _PLAIN for v in value):  # a client per item: many
+            return list(value)
         return [_encode(v, f"{where}[{i}]") for i, v in enumerate(value)]
     if isinstance(value, tuple | set | frozenset | deque):
         items = list(value)
@@ -282,15 +294,25 @@ def _decode(value: Any, where: str, path: Path) -> Any:
     if not isinstance(value, dict):
         return value
     tag = value.get(_TYPE)
-    if tag in ("tuple", "set", "frozenset", "deque", "dict") and not isinstance(
-        value.get("items"), list
-    ):
-        raise ControllerStateError(path, where, f"a {tag} without an 'items' list")
+    if tag in (
+        "tuple",
+        "set",
+        "frozenset",
+        "deque",
+        "dict",
+        "array",
+    ) and not isinstance(value.get("items"), list):
+        article = "an" if tag[0] in "aeiou" else "a"
+        raise ControllerStateError(
+            path, where, f"{article} {tag} without an 'items' list"
+        )
     if tag in ("tuple", "set", "frozenset"):
         items = [
             _decode(v, f"{where}[{i}]", path) for i, v in enumerate(value["items"])
         ]
         return {"tuple": tuple, "set": set, "frozenset": frozenset}[tag](items)
+    if tag == "array":
+        return _array(value, where, path)
     if tag == "deque":
         items = [
             _decode(v, f"{where}[{i}]", path) for i, v in enumerate(value["items"])
@@ -312,7 +334,7 @@ def _decode(value: Any, where: str, path: Path) -> Any:
         decoded = {k: _decode(v, f"{where}.{k}", path) for k, v in fields.items()}
         try:
             return cls(**decoded)
-        except TypeError as exc:
+        except (TypeError, ValueError) as exc:
             raise PolicyMemoryMismatch(f"{where}: {exc}") from exc
     if tag == "enum":
         cls = _trusted_class(value.get("class"), where, path)
@@ -321,6 +343,23 @@ def _decode(value: Any, where: str, path: Path) -> Any:
         except (TypeError, ValueError) as exc:
             raise PolicyMemoryMismatch(f"{where}: {exc}") from exc
     raise ControllerStateError(path, where, f"unknown type tag {tag!r}")
+
+
+def _array(value: dict, where: str, path: Path) -> np.ndarray:
+    """The one-dimensional array of numbers :func:`_encode` encoded."""
+    dtype = value.get("dtype")
+    if dtype not in _ARRAY_DTYPES:
+        raise ControllerStateError(path, where, f"an array of dtype {dtype!r}")
+    items = value["items"]
+    kind = _ARRAY_DTYPES[dtype]
+    if not all(isinstance(v, kind) and not isinstance(v, bool) for v in items):
+        raise ControllerStateError(
+            path, where, f"an array of {dtype} holds {str(items)[:80]}"
+        )
+    try:
+        return np.array(items, dtype=dtype)
+    except OverflowError as exc:
+        raise ControllerStateError(path, where, f"an array of {dtype}: {exc}") from exc
 
 
 def _trusted_class(name: object, where: str, path: Path) -> type:

@@ -45,17 +45,18 @@ fast few); the rest go to the best scores.
 
 from __future__ import annotations
 
-import heapq
 import math
-import operator
 import random
-import statistics
-from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+
+from meshctl import table
 from meshctl.policies import signals
 from meshctl.policies.base import Selection, SelectionInput
-from meshctl.types import ClientState, ClientTelemetry, SlotOutcome
+from meshctl.table import TelemetryTable
+from meshctl.types import SlotOutcome
 
 
 @dataclass(frozen=True)
@@ -79,46 +80,131 @@ class MeshSettings:
     deadline_ms: float | None = None
 
 
-@dataclass
-class Smoothed:
-    """Holt's linear smoothing of one signal: a level and a trend per update."""
-
-    level: float | None = None
-    trend: float = 0.0
-
-    def update(self, value: float, alpha: float, beta: float) -> None:
-        if self.level is None:
-            self.level = value
-            return
-        previous = self.level
-        self.level = alpha * value + (1 - alpha) * (self.level + self.trend)
-        self.trend = beta * (self.level - previous) + (1 - beta) * self.trend
-
-    def forecast(self, low: float = 0.0, high: float = math.inf) -> float | None:
-        """Level plus trend, within ``[low, high]``; ``None`` when unmeasured."""
-        if self.level is None:
-            return None
-        return min(high, max(low, self.level + self.trend))
+def _floats() -> np.ndarray:
+    return np.zeros(0, dtype=np.float64)
 
 
-@dataclass
-class _Estimate:
-    latency_ms: Smoothed = field(default_factory=Smoothed)
-    error_ratio: Smoothed = field(default_factory=Smoothed)
-    failure_ratio: float | None = None
-    utility: float | None = None
-    heard_round: int = 0  # the last round whose feedback is folded in
-    selected_round: int = 0  # the last round the client was chosen for
-    rested_until: int = 0
-    rounds: deque[int] = field(default_factory=lambda: deque(maxlen=64))
+def _rounds() -> np.ndarray:
+    return np.zeros(0, dtype=np.int64)
 
-    @property
-    def measured(self) -> bool:
+
+@dataclass(eq=False)
+class Estimates:
+    """What the policy has learnt of each client: one row per client.
+
+    The levels, the failure ratio and the utility are NaN until measured (no
+    data is not zero); a trend starts at 0.  ``chosen`` holds the clients of
+    the last rounds, by round, for the share of recent rounds.
+    """
+
+    clients: list[str] = field(default_factory=list)
+    latency_level: np.ndarray = field(default_factory=_floats)
+    latency_trend: np.ndarray = field(default_factory=_floats)
+    error_level: np.ndarray = field(default_factory=_floats)
+    error_trend: np.ndarray = field(default_factory=_floats)
+    failure_ratio: np.ndarray = field(default_factory=_floats)
+    utility: np.ndarray = field(default_factory=_floats)
+    heard_round: np.ndarray = field(default_factory=_rounds)  # last feedback folded in
+    selected_round: np.ndarray = field(default_factory=_rounds)  # last round chosen
+    rested_until: np.ndarray = field(default_factory=_rounds)
+    chosen: dict[int, tuple[str, ...]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        n = len(self.clients)
+        for name in _COLUMNS:
+            column = getattr(self, name)
+            if not isinstance(column, np.ndarray) or column.shape != (n,):
+                raise ValueError(f"{name} must hold one value per client ({n})")
+        self._index = {client: i for i, client in enumerate(self.clients)}
+        if len(self._index) != n:
+            raise ValueError("clients must not repeat")
+        strangers = {c for clients in self.chosen.values() for c in clients}
+        if strangers - self._index.keys():
+            raise ValueError("chosen names clients without estimates")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Estimates):
+            return NotImplemented
         return (
-            self.latency_ms.level is not None
-            or self.error_ratio.level is not None
-            or self.failure_ratio is not None
+            self.clients == other.clients
+            and self.chosen == other.chosen
+            and all(
+                np.array_equal(getattr(self, n), getattr(other, n), equal_nan=True)
+                for n in _COLUMNS
+            )
         )
+
+    def add(self, clients: Sequence[str]) -> None:
+        """Rows for those of ``clients`` not known yet, unmeasured."""
+        new = [c for c in dict.fromkeys(clients) if c not in self._index]
+        if not new:
+            return
+        for client in new:
+            self._index[client] = len(self.clients)
+            self.clients.append(client)
+        for name in _COLUMNS:
+            column = getattr(self, name)
+            fill = np.full(len(new), np.nan if name in _UNKNOWN else 0, column.dtype)
+            setattr(self, name, np.append(column, fill))
+
+    def rows(self, clients: Sequence[str]) -> np.ndarray:
+        """The row of each of ``clients``, all of them known."""
+        return np.fromiter(map(self._index.__getitem__, clients), np.intp, len(clients))
+
+    def row(self, client: str) -> int:
+        return self._index[client]
+
+    def measured(self) -> np.ndarray:
+        """Whether anything was ever measured of each client."""
+        return ~(
+            np.isnan(self.latency_level)
+            & np.isnan(self.error_level)
+            & np.isnan(self.failure_ratio)
+        )
+
+    def latency_forecast(self, low: float = 0.0) -> np.ndarray:
+        """Level plus trend, at least ``low``; NaN where never measured."""
+        return np.maximum(low, self.latency_level + self.latency_trend)
+
+    def unreliability(self) -> np.ndarray:
+        """The larger of the forecast error ratio and the failure ratio, in [0, 1]."""
+        error = np.clip(self.error_level + self.error_trend, 0.0, 1.0)
+        error = np.where(np.isnan(error), 0.0, error)
+        failure = np.where(np.isnan(self.failure_ratio), 0.0, self.failure_ratio)
+        return np.minimum(1.0, np.maximum(error, failure))
+
+
+_COLUMNS = (
+    "latency_level",
+    "latency_trend",
+    "error_level",
+    "error_trend",
+    "failure_ratio",
+    "utility",
+    "heard_round",
+    "selected_round",
+    "rested_until",
+)
+_UNKNOWN = ("latency_level", "error_level", "failure_ratio", "utility")
+
+
+def smooth(
+    level: np.ndarray,
+    trend: np.ndarray,
+    rows: np.ndarray,
+    values: np.ndarray,
+    alpha: float,
+    beta: float,
+) -> None:
+    """Holt's linear smoothing of ``values`` into the ``rows`` of a level and a
+    trend, in place; a level never measured starts at its value."""
+    fresh = np.isnan(level[rows])
+    level[rows[fresh]] = values[fresh]
+    rows, values = rows[~fresh], values[~fresh]
+    previous = level[rows]
+    updated = alpha * values + (1 - alpha) * (previous + trend[rows])
+    trend[rows] = beta * (updated - previous) + (1 - beta) * trend[rows]
+    level[rows] = updated
 
 
 class MeshPolicy:
@@ -128,21 +214,25 @@ class MeshPolicy:
 
     def __init__(self, settings: MeshSettings | None = None) -> None:
         self.settings = settings or MeshSettings()
-        self._estimates: dict[str, _Estimate] = {}
+        self._estimates = Estimates()
         self._last: tuple[str, ...] = ()
 
     def select(self, given: SelectionInput, rng: random.Random) -> Selection:
+        server_round = given.server_round
         self._observe(given)
         k = min(given.per_round, len(given.candidates))
-        scores = self.scores(
-            [c for c in given.candidates if self._estimates[c].measured],
-            server_round=given.server_round,
-            per_round=k,
-        )
-        chosen, reasons = [], {}
+        candidates = list(given.candidates)
+        rows = self._estimates.rows(candidates)
+        measured = self._estimates.measured()[rows]
+        scored = [c for c, m in zip(candidates, measured.tolist(), strict=True) if m]
+        scored_rows = rows[measured]
+        values = self._scores(scored_rows, server_round, k)
+        scores = dict(zip(scored, values.tolist(), strict=True))
+        chosen: list[str] = []
+        reasons: dict[str, str] = {}
 
         # Exploration first, so that never-measured clients get a chance.
-        unmeasured = [c for c in given.candidates if c not in scores]
+        unmeasured = [c for c in candidates if c not in scores]
         explore = min(len(unmeasured), max(1, round(self.settings.exploration * k)))
         explore = max(explore, min(len(unmeasured), k - len(scores)))
         for client in rng.sample(unmeasured, explore):
@@ -150,232 +240,255 @@ class MeshPolicy:
             reasons[client] = "explore: never measured"
 
         # The participation floor: the longest idle client, if idle long enough.
-        probe = self._idle(given, scores, exclude=chosen)
+        probe = self._idle(server_round, scored_rows, values)
         if probe is not None and len(chosen) < k:
-            chosen.append(probe)
-            idle = given.server_round - self._estimates[probe].selected_round
-            reasons[probe] = f"fairness: idle for {idle} rounds"
+            client = scored[probe]
+            chosen.append(client)
+            idle = server_round - int(
+                self._estimates.selected_round[scored_rows[probe]]
+            )
+            reasons[client] = f"fairness: idle for {idle} rounds"
 
-        # The best scores among the clients that pass the filters.
-        # Then unmeasured clients rather than rested ones: a client that just
-        # failed is a worse bet than one nobody has tried.
-        eligible, rested = self._filter(given.server_round, scores)
-        # The loop below looks at most k eligible clients (each either taken or
-        # already chosen), so the first k of the ranking are enough.
-        ranked = first_ranked(eligible, [rng.random() for _ in eligible], k)
-        untried = [c for c in unmeasured if c not in chosen]
+        # The best scores among the clients that pass the filters, then
+        # unmeasured clients rather than rested ones: a client that just
+        # failed is a worse bet than one nobody has tried.  At most k
+        # eligible clients are looked at (each either taken or already
+        # chosen), so the first k of the ranking are enough.
+        rested = self._rested(server_round, scored_rows)
+        eligible, held = np.flatnonzero(~rested), np.flatnonzero(rested)
+        randoms = np.array([rng.random() for _ in range(len(eligible))])
+        ranked = [
+            scored[i] for i in eligible[ranked_first(values[eligible], randoms, k)]
+        ]
+        taken = set(chosen)
+        untried = [c for c in unmeasured if c not in taken]
         ranked += rng.sample(untried, len(untried))
-        ranked += sorted(rested, key=lambda c: (-rested[c], rng.random()))
+        randoms = np.array([rng.random() for _ in range(len(held))])
+        ranked += [scored[i] for i in held[np.lexsort((randoms, -values[held]))]]
+        filtered = {scored[i] for i in held}
         for client in ranked:
             if len(chosen) >= k:
                 break
-            if client in chosen:
+            if client in taken:
                 continue
             chosen.append(client)
-            if client in unmeasured:
-                reasons[client] = (
-                    "explore: never measured, preferred to a rested client"
-                )
-            else:
-                reasons[client] = self._reason(client, scores, rested)
-        self._remember(given.server_round, chosen)
+            taken.add(client)
+            reasons[client] = _reason(client, scores, filtered)
+        self._remember(server_round, chosen)
         return Selection(clients=tuple(chosen), scores=scores, reasons=reasons)
 
     # -- estimates ------------------------------------------------------------
 
     def _observe(self, given: SelectionInput) -> None:
-        for client in set(given.candidates) | set(given.history):
-            estimate = self._estimates.setdefault(client, _Estimate())
-            telemetry = given.telemetry.get(client)
-            if telemetry is not None:
-                self._observe_mesh(given.server_round, estimate, telemetry)
-            for outcome in signals.outcomes_after(
-                given.history, client, estimate.heard_round
-            ):
-                self._observe_outcome(estimate, outcome)
+        estimates = self._estimates
+        estimates.add([*given.candidates, *given.history, *self._last])
+        self._observe_mesh(
+            given.server_round,
+            TelemetryTable.of(given.telemetry),
+            {*given.candidates, *given.history},
+        )
+        for client in given.history:
+            row = estimates.row(client)
+            heard = int(estimates.heard_round[row])
+            for outcome in signals.outcomes_after(given.history, client, heard):
+                self._observe_outcome(row, outcome)
 
     def _observe_mesh(
-        self, server_round: int, estimate: _Estimate, telemetry: ClientTelemetry
+        self, server_round: int, telemetry: TelemetryTable, clients: set[str]
     ) -> None:
-        if telemetry.state is ClientState.UNOBSERVED or telemetry.requests <= 0:
-            return
-        alpha, beta = self.settings.smoothing, self.settings.trend_smoothing
-        if _finite(telemetry.latency_p95_ms):
-            estimate.latency_ms.update(telemetry.latency_p95_ms, alpha, beta)
-        if _finite(telemetry.error_ratio):
-            estimate.error_ratio.update(telemetry.error_ratio, alpha, beta)
-        if self.settings.exclude_ejected and telemetry.ejections:
-            cooldown = self.settings.ejection_cooldown_rounds
-            estimate.rested_until = max(estimate.rested_until, server_round + cooldown)
+        """Fold the window into the estimates of ``clients`` that served requests
+        in it: a window without traffic leaves an estimate as it was."""
+        estimates, settings = self._estimates, self.settings
+        names = telemetry.clients
+        served = (
+            np.fromiter((c in clients for c in names), bool, len(names))
+            & (telemetry.state != table.UNOBSERVED)
+            & (telemetry.requests > 0)
+        )
+        at = np.flatnonzero(served)
+        rows = estimates.rows([names[i] for i in at])
+        alpha, beta = settings.smoothing, settings.trend_smoothing
+        for level, trend, figure in (
+            (estimates.latency_level, estimates.latency_trend, "latency_p95_ms"),
+            (estimates.error_level, estimates.error_trend, "error_ratio"),
+        ):
+            values = telemetry.figure(figure)[at]
+            finite = np.isfinite(values)
+            smooth(level, trend, rows[finite], values[finite], alpha, beta)
+        if settings.exclude_ejected:
+            ejections = telemetry.figure("ejections")[at]
+            ejected = rows[~np.isnan(ejections) & (ejections != 0)]
+            estimates.rested_until[ejected] = np.maximum(
+                estimates.rested_until[ejected],
+                server_round + settings.ejection_cooldown_rounds,
+            )
 
-    def _observe_outcome(self, estimate: _Estimate, outcome: SlotOutcome) -> None:
-        estimate.heard_round = max(estimate.heard_round, outcome.server_round)
+    def _observe_outcome(self, row: int, outcome: SlotOutcome) -> None:
+        estimates, settings = self._estimates, self.settings
+        estimates.heard_round[row] = max(
+            int(estimates.heard_round[row]), outcome.server_round
+        )
         if outcome.status == "lost":
             return  # the mesh failed, not the client: nothing to learn of it
         failed = 0.0 if outcome.status == "ok" else 1.0
-        if estimate.failure_ratio is None:
-            estimate.failure_ratio = failed
+        previous = float(estimates.failure_ratio[row])
+        if math.isnan(previous):
+            estimates.failure_ratio[row] = failed
         else:
-            alpha = self.settings.smoothing
-            estimate.failure_ratio = (
-                alpha * failed + (1 - alpha) * estimate.failure_ratio
-            )
+            alpha = settings.smoothing
+            estimates.failure_ratio[row] = alpha * failed + (1 - alpha) * previous
         if outcome.status == "timeout":
             # A late client took at least as long as the server waited for it,
             # and at least the configured deadline.
-            waited_ms = max(outcome.duration_s * 1000, self.settings.deadline_ms or 0)
-            estimate.latency_ms.update(
-                waited_ms, self.settings.smoothing, self.settings.trend_smoothing
+            waited_ms = max(outcome.duration_s * 1000, settings.deadline_ms or 0)
+            smooth(
+                estimates.latency_level,
+                estimates.latency_trend,
+                np.array([row]),
+                np.array([waited_ms], dtype=np.float64),
+                settings.smoothing,
+                settings.trend_smoothing,
             )
         utility = signals.statistical_utility(outcome)
         if utility is not None:
-            estimate.utility = utility
+            estimates.utility[row] = utility
 
     # -- scores ---------------------------------------------------------------
 
-    def scores(
-        self, clients: list[str], server_round: int = 1, per_round: int = 1
-    ) -> dict[str, float]:
-        """The score of each measured client; see the module's docstring."""
-        estimates = {c: self._estimates[c] for c in clients}
-        latencies = [
-            e.latency_ms.forecast() for e in estimates.values() if e.latency_ms.level
-        ]
-        straggler_ms = _quantile(latencies, per_round / (per_round + 1))
-        utilities = [e.utility for e in estimates.values() if e.utility]
-        best = max(utilities) if utilities else None
-        unknown = statistics.median([u / best for u in utilities]) if best else 1.0
-        return {
-            client: self._score(
-                client, estimate, server_round, straggler_ms, best, unknown
+    def _scores(
+        self, rows: np.ndarray, server_round: int, per_round: int
+    ) -> np.ndarray:
+        """The score of each of the measured clients in ``rows``; see the
+        module's docstring."""
+        estimates, settings = self._estimates, self.settings
+        level = estimates.latency_level[rows]
+        latency_ms = estimates.latency_forecast(low=1e-3)[rows]
+        known_latency = ~np.isnan(level) & (level != 0)
+        straggler_ms = _quantile(
+            estimates.latency_forecast()[rows][known_latency],
+            per_round / (per_round + 1),
+        )
+        utility = estimates.utility[rows]
+        known = utility[~np.isnan(utility) & (utility != 0)]
+        best = float(known.max()) if len(known) else None
+        unknown = float(np.median(known / best)) if best else 1.0
+
+        with np.errstate(all="ignore"):
+            if best:
+                utility = np.where(np.isnan(utility), unknown, utility / best)
+            else:
+                utility = np.full(len(rows), unknown)
+            # Oort's staleness bonus, sqrt(s * ln(round) / last round chosen).
+            utility = utility + np.sqrt(
+                settings.staleness
+                * math.log(max(1, server_round))
+                / np.maximum(1, estimates.selected_round[rows])
             )
-            for client, estimate in estimates.items()
-        }
-
-    def _score(
-        self,
-        client: str,
-        estimate: _Estimate,
-        server_round: int,
-        straggler_ms: float | None,
-        best_utility: float | None,
-        unknown_utility: float,
-    ) -> float:
-        utility = unknown_utility
-        if best_utility and estimate.utility is not None:
-            utility = estimate.utility / best_utility
-        utility += self._staleness(server_round, estimate)
-        speed = 1.0
-        latency_ms = estimate.latency_ms.forecast(low=1e-3)
-        if straggler_ms and latency_ms and latency_ms > straggler_ms:
-            speed = (straggler_ms / latency_ms) ** self.settings.latency_penalty
-        reliability = (1.0 - self._unreliability(estimate)) ** (
-            self.settings.reliability_exponent
-        )
-        sticky = 1.0 + self.settings.hysteresis if client in self._last else 1.0
-        return utility**self.settings.utility_weight * speed * reliability * sticky
-
-    def _staleness(self, server_round: int, estimate: _Estimate) -> float:
-        """Oort's ``sqrt(s * ln(round) / last round chosen)``; 0 in round 1."""
-        last_round = max(1, estimate.selected_round)
-        return math.sqrt(
-            self.settings.staleness * math.log(max(1, server_round)) / last_round
-        )
-
-    @staticmethod
-    def _unreliability(estimate: _Estimate) -> float:
-        error = estimate.error_ratio.forecast(high=1.0) or 0.0
-        return min(1.0, max(error, estimate.failure_ratio or 0.0))
+            speed = np.ones(len(rows))
+            if straggler_ms:
+                slow = latency_ms > straggler_ms
+                speed[slow] = (straggler_ms / latency_ms[slow]) ** (
+                    settings.latency_penalty
+                )
+            reliability = (1.0 - estimates.unreliability()[rows]) ** (
+                settings.reliability_exponent
+            )
+            last = np.zeros(len(estimates.clients), dtype=bool)
+            last[estimates.rows(self._last)] = True
+            sticky = np.where(last[rows], 1.0 + settings.hysteresis, 1.0)
+            return utility**settings.utility_weight * speed * reliability * sticky
 
     # -- filters and fairness -------------------------------------------------
 
-    def _filter(
-        self, server_round: int, scores: dict[str, float]
-    ) -> tuple[dict[str, float], dict[str, float]]:
-        """Split the scored clients into eligible and rested ones."""
-        eligible, rested = {}, {}
-        for client, score in scores.items():
-            estimate = self._estimates[client]
-            if (
-                estimate.rested_until >= server_round
-                or self._unreliability(estimate) > self.settings.max_error_ratio
-                or self._share(server_round, estimate) > self.settings.max_share
-            ):
-                rested[client] = score
-            else:
-                eligible[client] = score
-        return eligible, rested
-
-    def _share(self, server_round: int, estimate: _Estimate) -> float:
-        """The client's share of the last rounds if it were chosen this round."""
-        window = self.settings.share_window_rounds
-        recent = [
-            r for r in estimate.rounds if server_round - window < r < server_round
-        ]
-        return (len(recent) + 1) / window
+    def _rested(self, server_round: int, rows: np.ndarray) -> np.ndarray:
+        """Which of the scored clients in ``rows`` rest this round: ejected
+        lately, too unreliable, or with too large a share of recent rounds."""
+        estimates, settings = self._estimates, self.settings
+        window = settings.share_window_rounds
+        recent = np.zeros(len(estimates.clients), dtype=np.int64)
+        for chosen_round, clients in estimates.chosen.items():
+            if server_round - window < chosen_round < server_round:
+                np.add.at(recent, estimates.rows(clients), 1)
+        # The client's share of the last rounds if it were chosen this round.
+        share = (recent[rows] + 1) / window
+        return (
+            (estimates.rested_until[rows] >= server_round)
+            | (estimates.unreliability()[rows] > settings.max_error_ratio)
+            | (share > settings.max_share)
+        )
 
     def _idle(
-        self, given: SelectionInput, scores: dict[str, float], exclude: list[str]
-    ) -> str | None:
+        self, server_round: int, rows: np.ndarray, scores: np.ndarray
+    ) -> int | None:
+        """The position in ``rows`` of the client idle the longest, if longer
+        than ``max_idle_rounds`` and not resting; the best score breaks ties."""
         limit = self.settings.max_idle_rounds
         if limit is None:
             return None
-        idle = {
-            c: given.server_round - self._estimates[c].selected_round
-            for c in scores
-            if c not in exclude and self._estimates[c].rested_until < given.server_round
-        }
-        overdue = [c for c, rounds in idle.items() if rounds > limit]
-        return max(overdue, key=lambda c: (idle[c], scores[c]), default=None)
-
-    def _reason(
-        self, client: str, scores: dict[str, float], rested: dict[str, float]
-    ) -> str:
-        if client in rested:
-            return f"score {scores[client]:.3f} (filtered, but too few others)"
-        return f"score {scores[client]:.3f}"
+        estimates = self._estimates
+        idle = server_round - estimates.selected_round[rows]
+        overdue = np.flatnonzero(
+            (idle > limit) & (estimates.rested_until[rows] < server_round)
+        )
+        if not len(overdue):
+            return None
+        longest = overdue[idle[overdue] == idle[overdue].max()]
+        best = np.where(np.isnan(scores[longest]), -np.inf, scores[longest])
+        return int(longest[np.argmax(best)])
 
     def _remember(self, server_round: int, chosen: list[str]) -> None:
-        for client in chosen:
-            estimate = self._estimates[client]
-            estimate.rounds.append(server_round)
-            estimate.selected_round = server_round
+        estimates = self._estimates
+        estimates.selected_round[estimates.rows(chosen)] = server_round
+        estimates.chosen[server_round] = tuple(chosen)
+        window = self.settings.share_window_rounds
+        for old in [r for r in estimates.chosen if r <= server_round - window]:
+            del estimates.chosen[old]
         self._last = tuple(chosen)
+
+
+def _reason(client: str, scores: dict[str, float], filtered: set[str]) -> str:
+    if client not in scores:
+        return "explore: never measured, preferred to a rested client"
+    if client in filtered:
+        return f"score {scores[client]:.3f} (filtered, but too few others)"
+    return f"score {scores[client]:.3f}"
+
+
+def ranked_first(scores: np.ndarray, randoms: np.ndarray, count: int) -> np.ndarray:
+    """The positions of the ``count`` best scores, best first.
+
+    The order of sorting by ``(-score, random, position)``, without sorting a
+    hundred thousand clients to route ten; a score that is not a number ranks
+    last.
+    """
+    ranks = -np.where(np.isnan(scores), -np.inf, scores)
+    if count < len(scores):
+        # Every position that can be among the first count, ties included.
+        cut = np.partition(ranks, count - 1)[count - 1] if count > 0 else -np.inf
+        among = np.flatnonzero(ranks <= cut)
+    else:
+        among = np.arange(len(scores))
+    order = np.lexsort((among, randoms[among], ranks[among]))
+    return among[order[:count]]
 
 
 def first_ranked(
     scores: dict[str, float], randoms: list[float], count: int
 ) -> list[str]:
-    """The ``count`` first clients of ``sorted(scores, key=(-score, random))``.
-
-    The same order as that sort (the position breaks exact ties, as a stable
-    sort does), without sorting a hundred thousand clients to route ten; with
-    a score that is not a number the full sort decides, as before.
-    """
+    """The ``count`` first clients of ``sorted(scores, key=(-score, random))``;
+    see :func:`ranked_first`."""
     clients = list(scores)
-    if any(map(math.isnan, scores.values())):
-        order = sorted(
-            range(len(clients)), key=lambda i: (-scores[clients[i]], randoms[i])
-        )
-        return [clients[i] for i in order[:count]]
-    keys = zip(
-        map(operator.neg, scores.values()), randoms, range(len(clients)), strict=True
-    )
-    best = heapq.nsmallest(count, keys) if count < len(clients) else sorted(keys)
-    return [clients[i] for _, _, i in best]
+    values = np.array(list(scores.values()), dtype=np.float64)
+    return [clients[i] for i in ranked_first(values, np.array(randoms), count)]
 
 
-def _quantile(values: list[float], share: float) -> float | None:
+def _quantile(values: np.ndarray, share: float) -> float | None:
     """The ``share`` quantile of ``values``, linearly interpolated; ``None``
     when there are none."""
-    if not values:
+    if not len(values):
         return None
-    ordered = sorted(values)
+    ordered = np.sort(values)
     position = share * (len(ordered) - 1)
     low = math.floor(position)
     high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
-
-
-def _finite(value: float | None) -> bool:
-    return value is not None and math.isfinite(value)
+    return float(ordered[low] + (ordered[high] - ordered[low]) * (position - low))

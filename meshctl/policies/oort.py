@@ -41,9 +41,13 @@ import random
 import statistics
 from dataclasses import dataclass, field
 
+import numpy as np
+
+from meshctl import table
 from meshctl.policies import meshaware, signals
 from meshctl.policies.base import Selection, SelectionInput
-from meshctl.types import ClientState, SlotOutcome
+from meshctl.table import TelemetryTable
+from meshctl.types import SlotOutcome
 
 
 @dataclass(frozen=True)
@@ -274,17 +278,21 @@ class OortPolicy:
         ``(fastest / latency) ** alpha`` for measured clients; a client the mesh
         never saw gets the median weight of the measured ones (1 if none).
         """
-        latencies = {}
-        telemetry = given.telemetry.get
-        for client in clients:
-            seen = telemetry(client)
-            if (
-                seen is not None
-                and seen.state is not ClientState.UNOBSERVED
-                and seen.latency_p95_ms
-                and math.isfinite(seen.latency_p95_ms)
-            ):
-                latencies[client] = seen.latency_p95_ms
+        telemetry = TelemetryTable.of(given.telemetry)
+        rows = telemetry.rows_of(clients)
+        known = rows >= 0
+        p95 = telemetry.figure("latency_p95_ms")[rows[known]]
+        seen = np.zeros(len(clients), dtype=bool)
+        seen[known] = (
+            (telemetry.state[rows[known]] != table.UNOBSERVED)
+            & np.isfinite(p95)
+            & (p95 != 0)
+        )
+        latency_ms = np.full(len(clients), np.nan)
+        latency_ms[known] = p95
+        latencies = {
+            clients[i]: float(latency_ms[i]) for i in np.flatnonzero(seen).tolist()
+        }
         if not latencies:
             return {c: 1.0 for c in clients}
         fastest = min(latencies.values())

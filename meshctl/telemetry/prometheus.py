@@ -27,8 +27,9 @@ Every call has an explicit timeout, on the HTTP request and as the query's own
 
 A cycle costs eight answers of N series each.  An answer is decoded with a
 typed decoder that keeps only the label naming the client and the value
-(``msgspec``, no general JSON tree), and every client's row is built in one
-pass over the eight answers; an answer the typed decoder does not accept is
+(``msgspec``, no general JSON tree) into an array per figure, and the rules
+above run on whole columns: a read gives a :class:`~meshctl.table.TelemetryTable`,
+not an object per client.  An answer the typed decoder does not accept is
 read again by the general path, which names what is wrong with it.
 """
 
@@ -47,16 +48,18 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypedDict
 
 import msgspec
+import numpy as np
 import requests
 import yaml
 from requests.adapters import HTTPAdapter
 from urllib3 import exceptions as urllib3_errors
 from urllib3.util.retry import Retry
 
-from meshctl import protocol
+from meshctl import protocol, table
+from meshctl.table import TelemetryTable
 from meshctl.telemetry import bulk
 from meshctl.telemetry.envoystats import DEFAULT_FAILING_RATIO
-from meshctl.types import ClientState, ClientTelemetry
+from meshctl.types import ClientTelemetry
 
 log = logging.getLogger("meshctl.telemetry.prometheus")
 
@@ -64,6 +67,7 @@ DEFAULT_POD_LABEL = "pod"
 DEFAULT_NAMESPACE_LABEL = "namespace"
 DEFAULT_MESH_FAILURE_LABEL = "destination_pod"
 DEFAULT_TIMEOUT_S = 5.0
+_READ_CHUNK_BYTES = 1 << 20
 MIN_SCRAPE_INTERVALS = 4
 # Prometheus' own default when a config names no scrape interval.
 DEFAULT_SCRAPE_INTERVAL_S = 60.0
@@ -125,17 +129,18 @@ class PrometheusTelemetry(ClientTelemetry):
 
 
 def parse_value(text: object) -> float:
-    """A sample value as Prometheus writes it: a decimal, ``NaN``, ``+Inf``, ``-Inf``.
+    """A sample value as Prometheus writes it: a decimal string, ``NaN``, ``+Inf``
+    or ``-Inf``; a bare JSON number is read as itself.
 
     Raises :class:`PrometheusError` for anything else, so a malformed answer is
     never mistaken for data.
     """
+    if isinstance(text, int | float) and not isinstance(text, bool):
+        return float(text)
     if not isinstance(text, str):
         raise PrometheusError(
-            f"sample value {text!r} is not a string", kind="bad_response"
+            f"sample value {text!r} is not a number", kind="bad_response"
         )
-    if text in ("NaN", "+Inf", "-Inf", "Inf"):
-        return float(text)
     try:
         return float(text)
     except ValueError as exc:
@@ -210,17 +215,6 @@ def effective_window_s(
         minimum,
     )
     return minimum
-
-
-def _rate(value: float | None) -> float | None:
-    """A rate or ratio: finite and not negative, else None (no sure figure)."""
-    value = finite(value)
-    return None if value is None or value < 0 else value
-
-
-def _count(value: float) -> int:
-    """A request count from ``rate * window``; absurd rates saturate."""
-    return round(value) if math.isfinite(value) else sys.maxsize
 
 
 # -------------------------------------------------------------------- queries
@@ -310,6 +304,21 @@ class QuerySet:
 
 # ------------------------------------------------------------------ telemetry
 
+# The figures of a client's row, one query each.
+FIGURES = (
+    "requests_per_s",
+    "error_ratio",
+    "latency_p50_ms",
+    "latency_p95_ms",
+    "mesh_failures_per_s",
+    "train_loss",
+    "train_examples",
+    "local_train_s",
+)
+
+Series = tuple[list[str], np.ndarray]
+"""The clients an answer names and their values, in its order; NaN and Inf kept."""
+
 
 def client_telemetry(
     client: str,
@@ -324,107 +333,121 @@ def client_telemetry(
     reach is FAILING.  Otherwise FAILING when destination errors and mesh failures
     together reach ``failing_ratio`` of the requests, else OBSERVED.
     """
-    return _client_row(client, *map(values.get, FIGURES), window_s, failing_ratio)
-
-
-# The figures of a client's row, in the order :func:`_client_row` takes them.
-FIGURES = (
-    "requests_per_s",
-    "error_ratio",
-    "latency_p50_ms",
-    "latency_p95_ms",
-    "mesh_failures_per_s",
-    "train_loss",
-    "train_examples",
-    "local_train_s",
-)
-
-
-def _client_row(
-    client: str,
-    rate: float | None,
-    ratio: float | None,
-    p50_ms: float | None,
-    p95_ms: float | None,
-    mesh_failures: float | None,
-    loss: float | None,
-    examples: float | None,
-    train_s: float | None,
-    window_s: float,
-    failing_ratio: float,
-) -> PrometheusTelemetry:
-    """:func:`client_telemetry` with the figures as arguments, for one pass over
-    a hundred thousand clients: the checks of :func:`_rate` and :func:`finite`
-    are written out, since a call per figure doubles the cost."""
-    isfinite = math.isfinite
-    rate = rate if rate is not None and isfinite(rate) and rate >= 0 else None
-    ratio = ratio if ratio is not None and isfinite(ratio) and ratio >= 0 else None
-    if mesh_failures is not None and not (
-        isfinite(mesh_failures) and mesh_failures >= 0
-    ):
-        mesh_failures = None
-    loss = loss if loss is not None and isfinite(loss) else None
-    examples = examples if examples is not None and isfinite(examples) else None
-    train_s = train_s if train_s is not None and isfinite(train_s) else None
-    if rate is None or rate <= 0 or ratio is None:
-        failing_in_mesh = mesh_failures is not None and mesh_failures > 0
-        return PrometheusTelemetry(
-            client=client,
-            state=ClientState.FAILING if failing_in_mesh else ClientState.UNOBSERVED,
-            mesh_failures_per_s=mesh_failures,
-            train_loss=loss,
-            train_examples=examples,
-            local_train_s=train_s,
-        )
-
-    # Scaled by the larger rate, so that huge rates cannot overflow the sums.
-    failures = mesh_failures or 0.0
-    scale = max(rate, failures)
-    failed = ratio * (rate / scale) + failures / scale
-    attempted = rate / scale + failures / scale
-    return PrometheusTelemetry(
-        client=client,
-        state=ClientState.FAILING
-        if failed / attempted >= failing_ratio
-        else ClientState.OBSERVED,
-        requests=_count(rate * window_s),
-        requests_per_s=rate,
-        error_ratio=ratio,
-        latency_p50_ms=p50_ms if p50_ms is not None and isfinite(p50_ms) else None,
-        latency_p95_ms=p95_ms if p95_ms is not None and isfinite(p95_ms) else None,
-        mesh_failures_per_s=mesh_failures,
-        train_loss=loss,
-        train_examples=examples,
-        local_train_s=train_s,
-    )
+    figures = {name: {client: values.get(name, math.nan)} for name in FIGURES}
+    return client_rows(figures, window_s, failing_ratio)[client]  # type: ignore[return-value]
 
 
 def client_rows(
     figures: Mapping[str, Mapping[str, float]],
     window_s: float,
     failing_ratio: float = DEFAULT_FAILING_RATIO,
-) -> dict[str, PrometheusTelemetry]:
-    """Every client's telemetry from ``{figure: {client: value}}``, sorted by
-    client: what :func:`client_telemetry` gives each, in one pass."""
-    empty: dict[str, float] = {}
-    columns = [figures.get(name, empty) for name in FIGURES]
-    rate, ratio, p50, p95, mesh, loss, examples, train_s = (c.get for c in columns)
-    return {
-        client: _client_row(
-            client,
-            rate(client),
-            ratio(client),
-            p50(client),
-            p95(client),
-            mesh(client),
-            loss(client),
-            examples(client),
-            train_s(client),
-            window_s,
-            failing_ratio,
-        )
-        for client in sorted(set().union(*columns))
+) -> TelemetryTable:
+    """Every client's telemetry from ``{figure: {client: value}}``: what
+    :func:`client_telemetry` gives each."""
+    answers = {
+        name: (list(by_client), np.array(list(by_client.values()), dtype=float))
+        for name, by_client in figures.items()
     }
+    return client_table(answers, window_s, failing_ratio)
+
+
+def client_table(
+    answers: Mapping[str, Series],
+    window_s: float,
+    failing_ratio: float = DEFAULT_FAILING_RATIO,
+) -> TelemetryTable:
+    """Every client's telemetry from the answers of a cycle, by figure.
+
+    The rules of :func:`client_telemetry`, applied to whole columns: a client
+    that an answer does not name has no data for that figure.
+    """
+    clients, columns = _align(answers)
+    unknown = np.full(len(clients), np.nan)
+
+    def column(name: str) -> np.ndarray:
+        return columns.get(name, unknown)
+
+    with np.errstate(all="ignore"):
+        rate = _not_negative(column("requests_per_s"))
+        ratio = _not_negative(column("error_ratio"))
+        mesh = _not_negative(column("mesh_failures_per_s"))
+        measured = (rate > 0) & ~np.isnan(ratio)
+
+        # Scaled by the larger rate, so that huge rates cannot overflow the sums.
+        failures = np.where(np.isnan(mesh), 0.0, mesh)
+        scale = np.maximum(rate, failures)
+        failed = ratio * (rate / scale) + failures / scale
+        attempted = rate / scale + failures / scale
+        failing = failed / attempted >= failing_ratio
+        state = np.where(
+            measured,
+            np.where(failing, table.FAILING, table.OBSERVED),
+            np.where(mesh > 0, table.FAILING, table.UNOBSERVED),
+        )
+        requests = _counts(np.where(measured, rate * window_s, 0.0))
+
+        def when_measured(values: np.ndarray) -> np.ndarray:
+            return np.where(measured, values, np.nan)
+
+        figures = {
+            "requests_per_s": when_measured(rate),
+            "error_ratio": when_measured(ratio),
+            "latency_p50_ms": when_measured(_finite_or_nan(column("latency_p50_ms"))),
+            "latency_p95_ms": when_measured(_finite_or_nan(column("latency_p95_ms"))),
+            "mesh_failures_per_s": mesh,
+            "train_loss": _finite_or_nan(column("train_loss")),
+            "train_examples": _finite_or_nan(column("train_examples")),
+            "local_train_s": _finite_or_nan(column("local_train_s")),
+        }
+    return TelemetryTable(
+        clients,
+        state=state,
+        requests=requests,
+        figures=figures,
+        row_type=PrometheusTelemetry,
+    )
+
+
+def _align(answers: Mapping[str, Series]) -> tuple[list[str], dict[str, np.ndarray]]:
+    """Every client any answer names, in order of appearance, and each figure
+    as a column over them (NaN where its answer does not name the client)."""
+    clients: list[str] = []
+    index: dict[str, int] = {}
+    placed: dict[str, tuple[np.ndarray | None, np.ndarray]] = {}
+    for name, (names, values) in answers.items():
+        if names == clients:  # the usual case: every answer in the same order
+            placed[name] = (None, values)
+            continue
+        for client in names:
+            if client not in index:
+                index[client] = len(clients)
+                clients.append(client)
+        rows = np.fromiter(map(index.__getitem__, names), np.intp, len(names))
+        placed[name] = (rows, values)
+    columns = {}
+    for name, (rows, values) in placed.items():
+        if rows is not None or len(values) != len(clients):
+            column = np.full(len(clients), np.nan)
+            column[rows if rows is not None else slice(len(values))] = values
+            values = column
+        columns[name] = values
+    return clients, columns
+
+
+def _not_negative(values: np.ndarray) -> np.ndarray:
+    """Rates and ratios: finite and not negative, else NaN (no sure figure)."""
+    return np.where(np.isfinite(values) & (values >= 0), values, np.nan)
+
+
+def _finite_or_nan(values: np.ndarray) -> np.ndarray:
+    return np.where(np.isfinite(values), values, np.nan)
+
+
+def _counts(values: np.ndarray) -> np.ndarray:
+    """Request counts from ``rate * window``; absurd rates saturate."""
+    huge = ~(values < 2.0**63)  # Inf and NaN too
+    counts = np.rint(np.where(huge, 0.0, values)).astype(np.int64)
+    return np.where(huge, sys.maxsize, counts)
 
 
 # --------------------------------------------------------------------- source
@@ -485,7 +508,7 @@ class PrometheusSource:
 
     # -- the TelemetrySource protocol
 
-    def read(self, window_s: float) -> dict[str, PrometheusTelemetry]:
+    def read(self, window_s: float) -> TelemetryTable:
         """Every client's telemetry over ``window_s`` seconds until now."""
         window_s = self.window_s(window_s)
         window = format_duration(window_s)
@@ -493,11 +516,11 @@ class PrometheusSource:
             self.wait_for_scrape(self.fresh_scrape_jobs, self._clock())
         at = self._clock()
         with bulk.paused():
-            figures = {
-                name: self.query(query, label, at, name)
+            answers = {
+                name: self.series(query, label, at, name)
                 for name, (query, label) in self.queries.all(window).items()
             }
-            return client_rows(figures, window_s, self.failing_ratio)
+            return client_table(answers, window_s, self.failing_ratio)
 
     # -- the parts
 
@@ -570,11 +593,17 @@ class PrometheusSource:
 
         Series without ``label`` are left out (logged at DEBUG): they name no client.
         """
+        clients, values = self.series(query, label, at, name)
+        return dict(zip(clients, values.tolist(), strict=True))
+
+    def series(self, query: str, label: str, at: float, name: str = "ad hoc") -> Series:
+        """:meth:`query`'s answer as the clients it names and an array of values."""
         body = self._query_body(query, at, name)
         found = _decode_vector(body, label)
         if found is not None:
             return found
-        return self._read_vector(body, label, name)
+        by_client = self._read_vector(body, label, name)
+        return list(by_client), np.array(list(by_client.values()), dtype=float)
 
     def close(self) -> None:
         """Close the HTTP session."""
@@ -591,9 +620,17 @@ class PrometheusSource:
         }
         try:
             response = self._session.get(
-                f"{self.url}/api/v1/query", params=params, timeout=self.timeout_s
+                f"{self.url}/api/v1/query",
+                params=params,
+                timeout=self.timeout_s,
+                stream=True,
             )
-            body = response.content
+            if response.status_code == 200:
+                # An answer of a hundred thousand series is megabytes: read it
+                # in large pieces, not in requests' default 10 kB.
+                body = b"".join(response.iter_content(_READ_CHUNK_BYTES))
+            else:
+                body = response.content
         except requests.RequestException as exc:
             raise _transport_error(self.url, what, exc) from exc
         if response.status_code != 200:
@@ -656,10 +693,10 @@ class PrometheusSource:
 
 
 class _Value(msgspec.Struct, array_like=True, frozen=True, gc=False):
-    """A sample's ``[unix seconds, value as a string]``."""
+    """A sample's ``[unix seconds, value]``, the value read as a float."""
 
     at: Any
-    text: str
+    number: float
 
 
 @functools.cache
@@ -667,7 +704,9 @@ def _vector_decoder(label: str) -> msgspec.json.Decoder:
     """A decoder of instant-vector answers keeping only ``label`` and the value.
 
     Untracked by the garbage collector: a hundred thousand samples would
-    otherwise set off full collections while they are decoded.
+    otherwise set off full collections while they are decoded.  Not strict, so
+    that it reads a value's string as a float itself (``"1.5"``, ``"NaN"``,
+    ``"Inf"``, ``"-Inf"``) rather than through a string object per sample.
     """
     options: dict[str, Any] = {"frozen": True, "gc": False}
     metric = msgspec.defstruct(
@@ -678,26 +717,32 @@ def _vector_decoder(label: str) -> msgspec.json.Decoder:
     )
     data = msgspec.defstruct("Data", [("result", list[sample])], **options)
     answer = msgspec.defstruct("Answer", [("data", data)], **options)
-    return msgspec.json.Decoder(answer)
+    return msgspec.json.Decoder(answer, strict=False)
 
 
 _CLIENT = operator.attrgetter("metric.client")
-_TEXT = operator.attrgetter("value.text")
+_NUMBER = operator.attrgetter("value.number")
 
 
-def _decode_vector(body: bytes, label: str) -> dict[str, float] | None:
-    """``{value of label: value}`` of a well-formed instant vector, where every
+def _decode_vector(body: bytes, label: str) -> Series | None:
+    """The clients and values of a well-formed instant vector, where every
     series names a client and every value is a number; None otherwise, and the
-    general path then reads the answer and says what is wrong with it."""
+    general path then reads the answer and says what is wrong with it.
+
+    The decoder reads no ``"+Inf"``: it is spelt ``"Inf"`` first, where it
+    ends a sample's value (in compact JSON, the only place that can be).  A
+    value it does not read, such as ``" 1"``, sends the answer down the
+    general path, which reads what ``float()`` reads.
+    """
     try:
-        result = _vector_decoder(label).decode(body).data.result
-        # float() reads exactly what parse_value() accepts from a string.
-        found = dict(
-            zip(map(_CLIENT, result), map(float, map(_TEXT, result)), strict=True)
-        )
-    except (msgspec.MsgspecError, ValueError):
+        answer = _vector_decoder(label).decode(body.replace(b',"+Inf"]', b',"Inf"]'))
+    except msgspec.MsgspecError:
         return None
-    return None if None in found or "" in found else found
+    result = answer.data.result
+    clients = list(map(_CLIENT, result))
+    if None in clients or "" in clients:
+        return None
+    return clients, np.fromiter(map(_NUMBER, result), np.float64, len(result))
 
 
 _STATUS_KINDS = {400: "bad_query", 422: "unprocessable", 503: "unavailable"}
