@@ -6,6 +6,7 @@ what it does through the mesh with one route in front.
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -106,7 +107,9 @@ def test_a_sound_update_comes_back_and_is_reported(service_url) -> None:
     ("mode", "reason"),
     [
         pytest.param("nan", "NaN", id="nan-values"),
-        pytest.param("shape", "expected float32[3, 2]", id="wrong-shape"),
+        pytest.param(
+            "shape", "is float32[7, 7], expected float32[3, 2]", id="wrong-shape"
+        ),
         pytest.param("dtype", "float64", id="wrong-dtype"),
         pytest.param("no-examples", "num-examples", id="no-example-count"),
         pytest.param("raise", "HTTP 500", id="app-raises"),
@@ -190,6 +193,69 @@ def test_a_reply_without_a_length_is_cut_off_at_the_limit() -> None:
     assert "reply of more than 1000000 bytes" in reply.error.reason
     # The grid hung up long before the 64 MiB were written.
     assert EndlessReply.sent_bytes < 32 * 1024 * 1024
+
+
+class DeclaredTooLong(BaseHTTPRequestHandler):
+    """Declares a body far over any limit, then sends none of it until released."""
+
+    protocol_version = "HTTP/1.1"
+    declared_bytes = 100 * 1024 * 1024
+    released = threading.Event()
+
+    def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
+        self.rfile.read(int(self.headers["content-length"]))
+        self.send_response(200)
+        self.send_header("content-length", str(self.declared_bytes))
+        self.end_headers()
+        self.wfile.flush()
+        type(self).released.wait(10.0)
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        pass
+
+
+def test_a_reply_declaring_too_many_bytes_is_refused_before_its_body_comes() -> None:
+    DeclaredTooLong.released.clear()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), DeclaredTooLong)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    recorder = Recorder((1,))
+    mesh_grid = grid.MeshGrid(
+        mesh_url=f"http://127.0.0.1:{server.server_address[1]}",
+        arm=recorder.arm,
+        report=recorder.report,
+        deadline_s=5.0,
+        max_reply_bytes=1_000_000,
+    )
+    try:
+        list(mesh_grid.get_node_ids())
+        [reply] = mesh_grid.send_and_receive([_train_message(mesh_grid, 1)])
+    finally:
+        DeclaredTooLong.released.set()
+        mesh_grid.close()
+        server.shutdown()
+        server.server_close()
+
+    # Refused from its content-length alone, not left to wait for the deadline.
+    assert reply.has_error()
+    declared = DeclaredTooLong.declared_bytes
+    assert f"reply of {declared} bytes exceeds 1000000" in reply.error.reason
+    assert recorder.reports[0][1][0].status == "error"
+
+
+def test_a_request_the_mesh_does_not_answer_is_lost_not_the_clients_error() -> None:
+    with socket.socket() as closed:  # a port nothing listens on: Envoy is down
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    recorder = Recorder((1,))
+    mesh_grid = _grid(f"http://127.0.0.1:{port}", recorder)
+    list(mesh_grid.get_node_ids())
+
+    [reply] = mesh_grid.send_and_receive([_train_message(mesh_grid, 1)])
+
+    assert reply.has_error()
+    [(_, [outcome])] = recorder.reports
+    assert outcome.status == "lost"
+    mesh_grid.close()
 
 
 def test_a_late_client_times_out_at_the_deadline(service_url) -> None:

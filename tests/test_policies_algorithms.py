@@ -150,6 +150,24 @@ def test_a_failed_round_earns_no_statistical_utility_only_staleness() -> None:
     assert scores["c"] == pytest.approx(math.sqrt(0.1 * math.log(2)))
 
 
+@pytest.mark.parametrize("policy_class", [OortPolicy, PyramidFLPolicy])
+def test_oort_holds_nothing_against_a_client_whose_request_the_mesh_lost(
+    policy_class,
+) -> None:
+    lost, untouched = policy_class(EXPLOIT_ONLY), policy_class(EXPLOIT_ONLY)
+    for policy in (lost, untouched):
+        policy.select(_given(), random.Random(0))
+    history = {c: list(f) for c, f in HISTORY.items()}
+    history["a"].append(_fed("a", server_round=2, status="lost"))
+
+    after_loss = lost.select(_given(server_round=3, history=history), random.Random(0))
+    sat_out = untouched.select(_given(server_round=3), random.Random(0))
+
+    # Envoy went away under a's request: a keeps its reward, as if it sat out.
+    assert after_loss.scores == pytest.approx(sat_out.scores)
+    assert lost.arms["a"] == untouched.arms["a"]
+
+
 # -- pyramidfl --------------------------------------------------------------
 
 

@@ -8,6 +8,7 @@ back off and post a Warning event.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -124,6 +125,25 @@ def test_the_loop_serves_health_readiness_metrics_and_arms_rounds(
     assert len(routes) == 2 and set(routes.values()) <= set(PODS)
     assert controller.metrics_url != controller.url
     assert "meshctl_" in httpx.get(controller.metrics_url + "/metrics").text
+
+
+def test_the_loop_takes_round_calls_only_with_its_token(cluster, kubeconfig) -> None:
+    backend = ClusterBackend(kube.Api(kube.connect(kubeconfig)), namespace="fl")
+    policy, _ = policies.resolve("random")
+    settings = dataclasses.replace(SETTINGS, round_api_token="s3cret-token")
+    running = loop.ControllerLoop(backend, NoTelemetry(), policy, settings).start()
+    api = RoundAPIClient(running.url, per_round=2, token="s3cret-token")
+    try:
+        eventually(running.ready.is_set)
+        refused = httpx.post(
+            running.url + "/v1/rounds/arm", json={"server_round": 1, "per_round": 2}
+        )
+        assert refused.status_code == 401
+        api.arm(1)
+        assert len(cs.slot_targets(cs.live(cluster, "fl", "VirtualService"))) == 2
+    finally:
+        api.close()
+        running.stop()
 
 
 def test_readyz_fails_until_the_api_server_answers(tmp_path: Path) -> None:

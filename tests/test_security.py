@@ -17,7 +17,7 @@ import pytest
 import yaml
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
-from meshctl import policies, protocol
+from meshctl import demo, policies, protocol
 from meshctl.backends.directory import DirectoryBackend
 from meshctl.controller import loop, roundapi
 from meshctl.controller.cycle import Controller
@@ -300,6 +300,35 @@ def test_an_authenticated_but_malformed_call_is_a_bad_request(api, body, message
 def test_health_and_metrics_stay_open(api) -> None:
     assert httpx.get(api.url + "/healthz").status_code == 200
     assert httpx.get(api.url + roundapi.METRICS_PATH).status_code == 200
+
+
+def test_the_demos_round_api_takes_only_its_token_across_a_controller_restart(
+    tmp_path: Path,
+) -> None:
+    clients = [f"c-0{i}" for i in range(4)]
+
+    def make_controller() -> Controller:
+        return Controller(
+            clients=clients,
+            policy=policies.create("random"),
+            telemetry=_NoTelemetry(),
+            backend=DirectoryBackend(tmp_path / "routing"),
+            wait=lambda step: 0.0,
+            ready=lambda: clients,
+            state_path=tmp_path / "controller" / "state.json",
+        )
+
+    host = demo.ControllerHost(make_controller, TOKEN)
+    client = roundapi.RoundAPIClient(host.url, per_round=2, token=TOKEN)
+    try:
+        for server_round in (1, 2):  # round 2 is armed by the new controller
+            refused = httpx.post(host.url + roundapi.ARM_PATH, json=ARM_BODY)
+            assert refused.status_code == 401
+            assert len(client.arm(server_round).slots) == 2
+            host.restart()
+    finally:
+        client.close()
+        host.stop()
 
 
 def test_the_token_comes_from_a_file_before_the_variable(tmp_path: Path) -> None:

@@ -29,7 +29,9 @@ Defaults are FedScale's: epsilon 0.9, decay 0.98, floor 0.3, alpha 2, T at the
 sample window 5, over-commitment 1.3.  The cut-off is the paper's 95%.
 
 A failed round (an error or a timeout) counts as a play that earned no
-statistical utility, and leaves the last known duration in place.
+statistical utility, and leaves the last known duration in place.  A request
+the mesh lost (``lost``: Envoy gave no answer) is no play at all: the client
+stays as if it had sat the round out.
 """
 
 from __future__ import annotations
@@ -152,6 +154,8 @@ class OortPolicy:
                 self._play(client, arm, outcome)
 
     def _play(self, client: str, arm: Arm, outcome: SlotOutcome) -> None:
+        if outcome.status == "lost":
+            return  # the mesh failed, not the client: nothing to learn of it
         arm.count += 1
         arm.last_round = outcome.server_round
         reward = signals.statistical_utility(outcome)
