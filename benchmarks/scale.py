@@ -10,7 +10,8 @@ Synthetic telemetry for N clients goes through every stage of a cycle:
   over loopback that answers every query with N pods; the HTTP requests are
   counted (a fixed set, whatever N);
 - ``score_mesh`` and ``score_oort``: each policy chooses K of the N clients
-  from the Prometheus telemetry, a column per figure; on the local path the
+  from the Prometheus telemetry, a column per figure, and the feedback of one
+  earlier round of training for every client; on the local path the
   policy first turns the Envoy window, a mapping of client to row, into such a
   table (``envoy_table``);
 - ``render``, ``plan`` and ``validate`` (meshctl's rules and the Istio CRD
@@ -64,7 +65,7 @@ from meshctl.routing import plan_transition, render_exact, validate
 from meshctl.table import TelemetryTable
 from meshctl.telemetry import envoystats
 from meshctl.telemetry.prometheus import PrometheusSource
-from meshctl.types import ClientTelemetry
+from meshctl.types import ClientFeedback, ClientTelemetry, SlotOutcome
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CRDS = ROOT.parent / "shared" / "data" / "istio" / "crd-all.gen.yaml"
@@ -250,6 +251,28 @@ class FakePrometheus:
 # ------------------------------------------------------------------- one cycle
 
 
+def trained_once(clients: list[str], seed: int) -> dict[str, tuple]:
+    """Feedback of one round of training for every client, as after a long run:
+    round 0, a loss and an example count each."""
+    rng = random.Random(seed)
+    return {
+        client: (
+            ClientFeedback(
+                client,
+                SlotOutcome(
+                    server_round=0,
+                    slot=1,
+                    status="ok",
+                    duration_s=rng.uniform(1, 30),
+                    num_examples=rng.randint(100, 5000),
+                    train_loss=rng.uniform(0.01, 2),
+                ),
+            ),
+        )
+        for client in clients
+    }
+
+
 @dataclass
 class CycleResult:
     """What one cycle took and produced."""
@@ -294,6 +317,7 @@ class Cycle:
             else None
         )
         self.policies = {name: policies.create(name) for name in ("mesh", "oort")}
+        self.history = trained_once(self.clients, seed)
         self.live: tuple[dict | None, dict | None] = (None, None)
         self.round = 0
 
@@ -326,6 +350,7 @@ class Cycle:
                 candidates=self.clients,
                 per_round=self.per_round,
                 telemetry=telemetry,
+                history=self.history,
             )
             with _timed(result, f"score_{name}"):
                 selection = policy.select(given, random.Random(self.round))

@@ -287,9 +287,12 @@ class MeshPolicy:
             TelemetryTable.of(given.telemetry),
             {*given.candidates, *given.history},
         )
-        for client in given.history:
+        heard_round = estimates.heard_round
+        for client, feedback in given.history.items():
             row = estimates.row(client)
-            heard = int(estimates.heard_round[row])
+            heard = int(heard_round[row])
+            if not feedback or feedback[-1].outcome.server_round <= heard:
+                continue  # nothing new since the last round folded in
             for outcome in signals.outcomes_after(given.history, client, heard):
                 self._observe_outcome(row, outcome)
 

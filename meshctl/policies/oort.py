@@ -146,8 +146,10 @@ class OortPolicy:
         for client in given.candidates:
             if client not in arms:
                 arms[client] = Arm()
-        for client in given.history:
+        for client, feedback in given.history.items():
             arm = self.arms.setdefault(client, Arm())
+            if not feedback or feedback[-1].outcome.server_round <= arm.last_round:
+                continue  # nothing new since the last round folded in
             for outcome in signals.outcomes_after(
                 given.history, client, arm.last_round
             ):

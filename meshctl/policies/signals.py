@@ -10,6 +10,8 @@ import math
 import random
 from collections.abc import Mapping, Sequence
 
+import numpy as np
+
 from meshctl.types import ClientFeedback, SlotOutcome
 
 LOCAL_STEPS_FACTOR = "local-steps-factor"
@@ -71,24 +73,26 @@ def weighted_sample(
 ) -> list[str]:
     """``count`` distinct keys drawn with probability proportional to weight.
 
-    Successive draws without replacement; when every remaining weight is zero
-    the rest are drawn uniformly.
+    Successive draws without replacement over the keys in sorted order, one
+    ``rng.random()`` each; when every remaining weight is zero the rest are
+    drawn uniformly.  A negative weight counts as zero.
     """
-    pool = dict(weights)
+    keys = sorted(weights)
+    left = np.array([max(0.0, weights[k]) for k in keys], dtype=np.float64)
+    remaining = np.ones(len(keys), dtype=bool)
     chosen: list[str] = []
-    while pool and len(chosen) < count:
-        keys = sorted(pool)
-        total = sum(max(0.0, pool[k]) for k in keys)
+    while remaining.any() and len(chosen) < count:
+        cumulative = np.cumsum(left)
+        total = float(cumulative[-1])
         if total <= 0:
-            pick = rng.choice(keys)
+            pick = rng.choice(np.flatnonzero(remaining).tolist())
         else:
             point = rng.random() * total
-            pick = keys[-1]
-            for key in keys:
-                point -= max(0.0, pool[key])
-                if point < 0:
-                    pick = key
-                    break
-        chosen.append(pick)
-        del pool[pick]
+            # The first key whose share of the line reaches past the point.
+            pick = int(np.searchsorted(cumulative, point, side="right"))
+            if pick >= len(keys):  # rounding at the very end of the line
+                pick = int(np.flatnonzero(remaining)[-1])
+        chosen.append(keys[pick])
+        remaining[pick] = False
+        left[pick] = 0.0
     return chosen
