@@ -995,6 +995,14 @@ def server(
     health_port: Annotated[
         int, typer.Option(help="Port of /healthz (0: none).")
     ] = 8081,
+    max_reply_bytes: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="A client reply larger than this is refused before it is read "
+            "whole; the slot fails and the round goes on.",
+        ),
+    ] = 64 * 1024 * 1024,
     log_level: LogLevelOpt = "INFO",
     log_format: LogFormatOpt = "plain",
 ) -> None:
@@ -1010,6 +1018,7 @@ def server(
             deadline_s=deadline_s,
             health_port=health_port,
             run_config=serverrole.parse_run_config(run_config or []),
+            max_reply_bytes=max_reply_bytes,
         )
         serverrole.check_app_ref(app_ref)
     except (ValueError, serverrole.ServerRoleError) as exc:

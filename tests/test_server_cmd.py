@@ -82,3 +82,31 @@ def test_the_manifests_options_are_all_known() -> None:
     )
 
     assert result.exit_code != ExitCode.USAGE, result.output
+
+
+def test_a_reply_limit_below_one_byte_is_a_usage_error_naming_the_option() -> None:
+    result = server(
+        "--mesh", "http://m", "--controller", "http://c", "--max-reply-bytes", "0"
+    )
+
+    assert result.exit_code == ExitCode.USAGE
+    assert "--max-reply-bytes" in " ".join(result.output.split())
+
+
+def test_the_servers_grid_refuses_replies_over_its_limit(monkeypatch) -> None:
+    made = {}
+
+    class Grid:
+        def __init__(self, **options) -> None:
+            made.update(options)
+            raise RuntimeError("stop here")
+
+    monkeypatch.setattr(serverrole, "MeshGrid", Grid)
+    settings = serverrole.ServerSettings(
+        app_ref="fl_app.server_app:app", mesh_url="http://m", max_reply_bytes=1234
+    )
+
+    with pytest.raises(RuntimeError, match="stop here"):
+        serverrole.run(object(), settings, arm=print, report=print)
+
+    assert made["max_reply_bytes"] == 1234

@@ -21,7 +21,7 @@ from flwr.app import Context, RecordDict
 from flwr.serverapp import ServerApp
 
 from meshctl import protocol
-from meshctl.flower.grid import ArmFn, MeshGrid, ReportFn
+from meshctl.flower.grid import DEFAULT_MAX_REPLY_BYTES, ArmFn, MeshGrid, ReportFn
 
 log = logging.getLogger("meshctl.server")
 
@@ -41,6 +41,8 @@ class ServerSettings:
     deadline_s: float = 600.0
     health_port: int = 8081
     run_config: RunConfig = field(default_factory=dict)
+    # A larger reply is refused (an error reply for its slot), never read whole.
+    max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES
 
 
 def parse_run_config(items: Sequence[str]) -> RunConfig:
@@ -110,6 +112,7 @@ def run(app: ServerApp, settings: ServerSettings, *, arm: ArmFn, report: ReportF
         arm=arm,
         report=report,
         deadline_s=settings.deadline_s,
+        max_reply_bytes=settings.max_reply_bytes,
     )
     context = Context(
         run_id=1,
