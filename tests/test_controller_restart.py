@@ -393,13 +393,31 @@ def test_a_malformed_column_of_mesh_memory_is_named(
     assert raised.value.field == f"{MESH_MEMORY}.{field_name}"
 
 
-def test_mesh_memory_whose_columns_disagree_is_relearnt_from_the_history(
-    paths, caplog
+@pytest.mark.parametrize(
+    ("column", "change", "says"),
+    [
+        pytest.param(
+            "utility",
+            lambda c: {**c, "items": [1.0]},
+            "utility must hold one value per client",
+            id="short-column",
+        ),
+        pytest.param(
+            "rested_until",
+            lambda c: {**c, "dtype": "<f8"},
+            "rested_until must hold int64, not float64",
+            id="rounds-as-floats",
+        ),
+    ],
+)
+def test_mesh_memory_that_does_not_fit_is_relearnt_from_the_history(
+    paths, caplog, column, change, says
 ) -> None:
     _, state_path = paths
     history = _history(_armed_twice(paths, "mesh"))
     document = json.loads(state_path.read_text())
-    document["policy"]["memory"]["_estimates"]["fields"]["utility"]["items"] = [1.0]
+    fields = document["policy"]["memory"]["_estimates"]["fields"]
+    fields[column] = change(fields[column])
     state_path.write_text(json.dumps(document))
 
     with caplog.at_level(logging.WARNING, logger="meshctl.controller"):
@@ -407,7 +425,7 @@ def test_mesh_memory_whose_columns_disagree_is_relearnt_from_the_history(
 
     assert _history(restarted) == history
     assert restarted.policy._estimates.clients == []
-    assert "utility must hold one value per client" in caplog.text
+    assert says in caplog.text
 
 
 def test_a_bad_outcome_in_the_history_is_named(paths) -> None:

@@ -89,6 +89,37 @@ def test_a_state_file_shaped_like_a_real_one_loads_or_names_the_field(
     _load(scratch, json.dumps(document))
 
 
+@fuzz(40)
+@given(
+    policy=st.sampled_from(list(TEMPLATES)),
+    data=st.data(),
+)
+def test_a_controller_restarted_on_any_such_file_refuses_it_or_arms(
+    scratch, policy, data
+) -> None:
+    document = data.draw(shaped(TEMPLATES[policy]))
+    path = scratch / "restart" / "state.json"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(document))
+    try:
+        controller = Controller(
+            clients=CLIENTS,
+            policy=policies.create(policy),
+            telemetry=Steady(),
+            backend=DirectoryBackend(scratch / "restart" / "routing"),
+            wait=lambda step: 0.0,
+            ready=lambda: CLIENTS,
+            state_path=path,
+        )
+    except ControllerStateError as exc:
+        assert str(path) in str(exc)
+        return
+
+    armed = controller.arm(3, per_round=2)
+
+    assert len(armed.slots) == 2
+
+
 @fuzz(150)
 @given(text=st.one_of(st.text(max_size=200), JUNK.map(json.dumps)))
 @example(text='{"kind": "meshctl-controller-state", "version": 1')

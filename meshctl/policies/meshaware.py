@@ -115,9 +115,15 @@ class Estimates:
             column = getattr(self, name)
             if not isinstance(column, np.ndarray) or column.shape != (n,):
                 raise ValueError(f"{name} must hold one value per client ({n})")
+            if column.dtype != _dtype(name):
+                raise ValueError(f"{name} must hold {_dtype(name)}, not {column.dtype}")
         self._index = {client: i for i, client in enumerate(self.clients)}
         if len(self._index) != n:
             raise ValueError("clients must not repeat")
+        if not all(
+            type(r) is int and isinstance(c, tuple) for r, c in self.chosen.items()
+        ):
+            raise ValueError("chosen must map rounds to tuples of clients")
         strangers = {c for clients in self.chosen.values() for c in clients}
         if strangers - self._index.keys():
             raise ValueError("chosen names clients without estimates")
@@ -186,6 +192,11 @@ _COLUMNS = (
     "rested_until",
 )
 _UNKNOWN = ("latency_level", "error_level", "failure_ratio", "utility")
+_ROUNDS = ("heard_round", "selected_round", "rested_until")
+
+
+def _dtype(column: str) -> np.dtype:
+    return np.dtype(np.int64 if column in _ROUNDS else np.float64)
 
 
 def smooth(
