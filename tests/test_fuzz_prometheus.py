@@ -211,6 +211,10 @@ def test_any_figures_give_a_state_and_only_finite_numbers(figures, window_s) -> 
     body={"data": {"result": [{"metric": {"pod": "+Inf"}, "value": [1, "-0"]}]}},
     compact=True,
 )
+@example(  # a value of three elements is no sample
+    body={"data": {"result": [{"metric": {"pod": "c-01"}, "value": [None, 0, None]}]}},
+    compact=False,
+)
 def test_the_fast_reading_of_an_answer_is_the_general_one_or_none(
     body, compact
 ) -> None:

@@ -298,10 +298,11 @@ class MeshPolicy:
             TelemetryTable.of(given.telemetry),
             {*given.candidates, *given.history},
         )
-        heard_round = estimates.heard_round
-        for client, feedback in given.history.items():
-            row = estimates.row(client)
-            heard = int(heard_round[row])
+        rows = estimates.rows(list(given.history))
+        heard_rounds = estimates.heard_round[rows].tolist()
+        for (client, feedback), row, heard in zip(
+            given.history.items(), rows.tolist(), heard_rounds, strict=True
+        ):
             if not feedback or feedback[-1].outcome.server_round <= heard:
                 continue  # nothing new since the last round folded in
             for outcome in signals.outcomes_after(given.history, client, heard):

@@ -414,16 +414,22 @@ def _align(answers: Mapping[str, Series]) -> tuple[list[str], dict[str, np.ndarr
     clients: list[str] = []
     index: dict[str, int] = {}
     placed: dict[str, tuple[np.ndarray | None, np.ndarray]] = {}
+    last: tuple[list[str], np.ndarray] | None = None
     for name, (names, values) in answers.items():
         if names == clients:  # the usual case: every answer in the same order
             placed[name] = (None, values)
             continue
-        for client in names:
-            if client not in index:
-                index[client] = len(clients)
-                clients.append(client)
+        if last is not None and names == last[0]:  # the order of the one before
+            placed[name] = (last[1], values)
+            continue
+        new = [c for c in dict.fromkeys(names) if c not in index]
+        index.update(
+            zip(new, range(len(clients), len(clients) + len(new)), strict=True)
+        )
+        clients += new
         rows = np.fromiter(map(index.__getitem__, names), np.intp, len(names))
         placed[name] = (rows, values)
+        last = (names, rows)
     columns = {}
     for name, (rows, values) in placed.items():
         if rows is not None or len(values) != len(clients):
@@ -692,7 +698,9 @@ class PrometheusSource:
 # ---------------------------------------------------------------- fast decoding
 
 
-class _Value(msgspec.Struct, array_like=True, frozen=True, gc=False):
+class _Value(
+    msgspec.Struct, array_like=True, forbid_unknown_fields=True, frozen=True, gc=False
+):
     """A sample's ``[unix seconds, value]``, the value read as a float."""
 
     at: Any
