@@ -68,7 +68,9 @@ from meshctl.telemetry.prometheus import PrometheusSource
 from meshctl.types import ClientFeedback, ClientTelemetry, SlotOutcome
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CRDS = ROOT.parent / "shared" / "data" / "istio" / "crd-all.gen.yaml"
+# Istio's CRDs: MESHCTL_ISTIO_CRDS, else in the data directory, as the tests find them.
+DATA_DIR = Path(os.environ.get("MESHCTL_DATA_DIR") or ROOT.parent / "shared" / "data")
+DEFAULT_CRDS = DATA_DIR / "istio" / "crd-all.gen.yaml"
 STAGES = (
     "envoy_stats",
     "envoy_table",

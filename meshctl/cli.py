@@ -573,10 +573,10 @@ def score(
     _setup_logging("WARNING", "plain")
     try:
         window_s = source.parse_duration_s(window)
-        if output not in scoring.OUTPUTS or short_window not in ("widen", "refuse"):
-            raise ValueError(
-                "-o is table, json or yaml; --short-window widen or refuse"
-            )
+        if output not in scoring.OUTPUTS:
+            raise ValueError(f"-o is table, json or yaml, not {output!r}")
+        if short_window not in ("widen", "refuse"):
+            raise ValueError(f"--short-window is widen or refuse, not {short_window!r}")
         reader = source.PrometheusSource(
             prometheus_url,
             namespace=namespace,
@@ -788,6 +788,7 @@ def select(
         typer.Option(
             "--per-round",
             "-k",
+            min=1,
             help="Clients to route (default: the policy file's clientsPerRound, "
             "else 5).",
             show_default=False,
@@ -820,7 +821,7 @@ def select(
                 backend,
                 reader,
                 chosen,
-                per_round=per_round or (document and document.clients_per_round) or 5,
+                per_round=_per_round(per_round, document),
                 window_s=source.parse_duration_s(window),
                 settle_s=settle_s,
                 dry_run=dry_run,
@@ -839,6 +840,13 @@ def select(
     if dry_run and result.diff:
         print(result.diff, end="", file=sys.stdout if output == "table" else sys.stderr)
     print(selecting.render(result, output))
+
+
+def _per_round(given: int | None, document: object) -> int:
+    """``-k`` if given, else the policy file's clientsPerRound, else 5."""
+    if given is not None:
+        return given
+    return getattr(document, "clients_per_round", None) or 5
 
 
 @app.command()
@@ -895,11 +903,11 @@ def run(
             settle_s=settle_s,
             state_path=state_file,
         )
+        reader = source.PrometheusSource(prometheus_url, namespace=backend.namespace)
     except ValueError as exc:
         raise _fail(ExitCode.USAGE, str(exc)) from exc
     except kube_errors.KubeError as exc:
         raise _fail(_kube_exit_code(exc), str(exc)) from exc
-    reader = source.PrometheusSource(prometheus_url, namespace=backend.namespace)
     try:
         controller_loop = loop.ControllerLoop(backend, reader, chosen, settings)
     except ControllerStateError as exc:

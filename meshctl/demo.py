@@ -36,6 +36,7 @@ from meshctl.localmesh.prometheus import (
 from meshctl.localmesh.workloads import ClientSpec, LocalWorkloads, WorkloadError
 from meshctl.routing.plan import Step
 from meshctl.telemetry import localprom, score
+from meshctl.telemetry import prometheus as promsource
 from meshctl.telemetry.envoystats import EnvoyStatsSource
 from meshctl.telemetry.prometheus import PrometheusSource
 from meshctl.types import ArmedRound, SlotOutcome
@@ -126,6 +127,8 @@ class DemoSettings:
             )
         if self.prometheus_url and self.telemetry != "prometheus":
             raise ValueError("--prometheus-url needs --telemetry prometheus")
+        if self.prometheus_url:
+            promsource.check_url(self.prometheus_url)
         if self.telemetry == "prometheus" and not self.prometheus_url:
             try:
                 find_prometheus()
@@ -142,6 +145,11 @@ class DemoSettings:
         # before any process starts (fl_app.data.DataError names the path).
         from fl_app import data  # the case study, behind the face
 
+        if self.dataset not in data.DATASET_NAMES:
+            raise ValueError(
+                f"--dataset must be one of {', '.join(data.DATASET_NAMES)}, "
+                f"not {self.dataset!r}"
+            )
         data.check_readable(self.dataset, self.data_dir)
         data.check_readable(DEVICE_TRACE, self.data_dir)
 

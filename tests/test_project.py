@@ -51,3 +51,33 @@ def test_an_unknown_policy_is_a_usage_error_naming_the_known_ones() -> None:
 
     assert result.exit_code == int(exitcodes.ExitCode.USAGE)
     assert "mesh, oort, power-of-choice" in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "says"),
+    [
+        pytest.param(
+            ["--dataset=fedscale"],
+            exitcodes.ExitCode.USAGE,
+            "--dataset must be one of ton_iot, nsl_kdd, not 'fedscale'",
+            id="device-trace-is-no-dataset",
+        ),
+        pytest.param(
+            ["--telemetry=prometheus", "--prometheus-url=prometheus:9090"],
+            exitcodes.ExitCode.USAGE,
+            "'prometheus:9090' is not an http(s) URL",
+            id="url-without-scheme",
+        ),
+        pytest.param(
+            [f"--policy={ROOT / 'policies'}"],
+            exitcodes.ExitCode.INVALID,
+            f"{ROOT / 'policies'}:0: (file): cannot read: Is a directory",
+            id="policy-directory",
+        ),
+    ],
+)
+def test_demo_names_a_bad_option_before_anything_starts(args, code, says) -> None:
+    result = CliRunner().invoke(cli.app, ["demo", *args])
+
+    assert result.exit_code == int(code)
+    assert says in " ".join(result.output.split())

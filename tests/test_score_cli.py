@@ -103,3 +103,33 @@ def test_an_unreachable_prometheus_is_a_telemetry_failure() -> None:
     assert result.exit_code == int(ExitCode.TELEMETRY_FAILED)
     assert "unreachable" in result.stderr
     assert result.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        pytest.param(
+            ["-o", "xml"], "-o is table, json or yaml, not 'xml'", id="output"
+        ),
+        pytest.param(
+            ["--short-window", "shrink"],
+            "--short-window is widen or refuse, not 'shrink'",
+            id="short-window",
+        ),
+    ],
+)
+def test_a_bad_option_is_a_usage_error_naming_it(args, says) -> None:
+    result = _score("http://127.0.0.1:9", *args)
+
+    assert result.exit_code == int(ExitCode.USAGE)
+    assert says in " ".join(result.stderr.split())
+
+
+@pytest.mark.parametrize("url", ["not-a-url", "ftp://prometheus", "http://"])
+def test_a_prometheus_url_that_is_no_http_url_is_a_usage_error(url) -> None:
+    result = _score(url)
+
+    assert result.exit_code == int(ExitCode.USAGE)
+    assert f"Prometheus URL {url!r} is not an http(s) URL" in " ".join(
+        result.stderr.split()
+    )

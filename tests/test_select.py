@@ -188,3 +188,24 @@ def test_a_conflict_that_never_resolves_maps_to_exit_9() -> None:
 
     assert found is conflict
     assert cli._kube_exit_code(found) == ExitCode.CONFLICT
+
+
+@pytest.mark.parametrize("k", ["0", "-3"])
+def test_a_per_round_below_one_is_a_usage_error_before_any_connection(
+    tmp_path: Path, k: str
+) -> None:
+    result = CliRunner().invoke(
+        cli.app,
+        [
+            "select",
+            "--prometheus-url",
+            "http://127.0.0.1:9",
+            "--kubeconfig",
+            str(tmp_path / "no-such-kubeconfig"),
+            "-k",
+            k,
+        ],
+    )
+
+    assert result.exit_code == int(ExitCode.USAGE)
+    assert "--per-round" in " ".join(result.output.split())

@@ -69,14 +69,14 @@ def resolve(name_or_path: str) -> tuple[Policy, PolicyDocument | None]:
     """A policy from a name, or from a ``SelectionPolicy`` file and its document.
 
     A value that names a known policy is a name; anything else that looks like
-    a path (a ``.yaml`` or ``.yml`` suffix, a path separator, an existing file)
+    a path (a ``.yaml`` or ``.yml`` suffix, a path separator, an existing path)
     is loaded as a file.  Raises :class:`UnknownPolicy` or
     :class:`PolicyDocumentError`.
     """
     if name_or_path in _FACTORIES:
         return create(name_or_path), None
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or "/" in name_or_path or path.is_file():
+    if path.suffix in (".yaml", ".yml") or "/" in name_or_path or path.exists():
         document = documents.load_file(path)
         return create_from_document(document), document
     return create(name_or_path), None

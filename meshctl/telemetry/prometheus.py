@@ -46,6 +46,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypedDict
+from urllib.parse import urlsplit
 
 import msgspec
 import numpy as np
@@ -154,6 +155,18 @@ def finite(value: float | None) -> float | None:
     if value is None or not math.isfinite(value):
         return None
     return value
+
+
+def check_url(url: str) -> str:
+    """``url`` when it names a Prometheus server (http or https, and a host);
+    a ValueError that says so otherwise."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(
+            f"Prometheus URL {url!r} is not an http(s) URL such as "
+            "http://prometheus.monitoring:9090"
+        )
+    return url
 
 
 def parse_duration_s(text: str) -> float:
@@ -490,7 +503,7 @@ class PrometheusSource:
         fresh_scrape_jobs: Sequence[str] = (),
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.url = url.rstrip("/")
+        self.url = check_url(url).rstrip("/")
         self.queries = QuerySet(
             service=service,
             namespace=namespace,
