@@ -431,7 +431,28 @@ def _cycle_s(results: list[CycleResult], stages: tuple[str, ...]) -> float:
 
 
 def measure(n: int, repeat: int, schemas: dict | None) -> dict:
-    """Median stage times, peak memory, requests and object size for N."""
+    """Median stage times, peak memory, requests and object size for N, and
+    the median whole arm, each measured with only its own inputs alive."""
+    results, peak_bytes = _stage_cycles(n, repeat, schemas)
+    arm_s = _controller_arms(n, repeat, schemas)
+    return {
+        "n": n,
+        "stages": {s: _median(results, s) for s in STAGES},
+        "cycle_s": statistics.median(sum(r.seconds.values()) for r in results),
+        "production_s": _cycle_s(results, PRODUCTION),
+        "local_s": _cycle_s(results, LOCAL),
+        "arm_s": arm_s,
+        "peak_mib": peak_bytes / 2**20,
+        "requests": results[-1].prometheus_requests,
+        "object_bytes": results[-1].object_bytes,
+        "problems": results[-1].problems,
+    }
+
+
+def _stage_cycles(
+    n: int, repeat: int, schemas: dict | None
+) -> tuple[list[CycleResult], int]:
+    """``repeat`` timed cycles, and the peak bytes of one more."""
     cycle = Cycle(n, schemas=schemas)
     try:
         cycle.run()  # warm-up: first config read, first live objects
@@ -442,25 +463,17 @@ def measure(n: int, repeat: int, schemas: dict | None) -> dict:
         tracemalloc.stop()
     finally:
         cycle.close()
-    stages = {s: _median(results, s) for s in STAGES}
+    return results, peak_bytes
+
+
+def _controller_arms(n: int, repeat: int, schemas: dict | None) -> float:
+    """The median of ``repeat`` whole arms."""
     controller = ControllerCycle(n, schemas=schemas)
     try:
         controller.arm_s()  # warm-up: the first state file, the first routes
-        arm_s = statistics.median(controller.arm_s() for _ in range(repeat))
+        return statistics.median(controller.arm_s() for _ in range(repeat))
     finally:
         controller.close()
-    return {
-        "arm_s": arm_s,
-        "n": n,
-        "stages": stages,
-        "cycle_s": statistics.median(sum(r.seconds.values()) for r in results),
-        "production_s": _cycle_s(results, PRODUCTION),
-        "local_s": _cycle_s(results, LOCAL),
-        "peak_mib": peak_bytes / 2**20,
-        "requests": results[-1].prometheus_requests,
-        "object_bytes": results[-1].object_bytes,
-        "problems": results[-1].problems,
-    }
 
 
 def _print(rows: list[dict]) -> None:
