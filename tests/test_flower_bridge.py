@@ -170,24 +170,33 @@ class EndlessReply(BaseHTTPRequestHandler):
         pass
 
 
-def test_a_reply_without_a_length_is_cut_off_at_the_limit() -> None:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), EndlessReply)
+def _one_reply_from(
+    handler: type[BaseHTTPRequestHandler], recorder: Recorder, deadline_s: float
+) -> Message:
+    """One training message's reply through a grid that reads at most 1 MB,
+    from a server that answers with ``handler``."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True  # closing waits for no handler still sending
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    recorder = Recorder((1,))
     mesh_grid = grid.MeshGrid(
         mesh_url=f"http://127.0.0.1:{server.server_address[1]}",
         arm=recorder.arm,
         report=recorder.report,
-        deadline_s=10.0,
+        deadline_s=deadline_s,
         max_reply_bytes=1_000_000,
     )
     try:
         list(mesh_grid.get_node_ids())
         [reply] = mesh_grid.send_and_receive([_train_message(mesh_grid, 1)])
+        return reply
     finally:
         mesh_grid.close()
         server.shutdown()
         server.server_close()
+
+
+def test_a_reply_without_a_length_is_cut_off_at_the_limit() -> None:
+    reply = _one_reply_from(EndlessReply, Recorder((1,)), deadline_s=10.0)
 
     assert reply.has_error()
     assert "reply of more than 1000000 bytes" in reply.error.reason
@@ -216,24 +225,11 @@ class DeclaredTooLong(BaseHTTPRequestHandler):
 
 def test_a_reply_declaring_too_many_bytes_is_refused_before_its_body_comes() -> None:
     DeclaredTooLong.released.clear()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), DeclaredTooLong)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     recorder = Recorder((1,))
-    mesh_grid = grid.MeshGrid(
-        mesh_url=f"http://127.0.0.1:{server.server_address[1]}",
-        arm=recorder.arm,
-        report=recorder.report,
-        deadline_s=5.0,
-        max_reply_bytes=1_000_000,
-    )
     try:
-        list(mesh_grid.get_node_ids())
-        [reply] = mesh_grid.send_and_receive([_train_message(mesh_grid, 1)])
+        reply = _one_reply_from(DeclaredTooLong, recorder, deadline_s=5.0)
     finally:
         DeclaredTooLong.released.set()
-        mesh_grid.close()
-        server.shutdown()
-        server.server_close()
 
     # Refused from its content-length alone, not left to wait for the deadline.
     assert reply.has_error()

@@ -57,18 +57,7 @@ BODIES = st.one_of(
     JUNK,
 )
 FIGURES = st.dictionaries(
-    st.sampled_from(
-        [
-            "requests_per_s",
-            "error_ratio",
-            "latency_p50_ms",
-            "latency_p95_ms",
-            "mesh_failures_per_s",
-            "train_loss",
-            "train_examples",
-            "local_train_s",
-        ]
-    ),
+    st.sampled_from(promsource.FIGURES),
     st.floats(allow_nan=True, allow_infinity=True),
 )
 

@@ -218,19 +218,24 @@ class _NoTelemetry:
         return {}
 
 
-@pytest.fixture
-def api(tmp_path: Path) -> Iterator[roundapi.RoundAPIServer]:
-    """A round API with a token, over a controller with four clients."""
+def _controller(work_dir: Path, **options) -> Controller:
+    """A controller of four clients routing into ``work_dir``."""
     clients = [f"c-0{i}" for i in range(4)]
-    controller = Controller(
+    return Controller(
         clients=clients,
         policy=policies.create("random"),
         telemetry=_NoTelemetry(),
-        backend=DirectoryBackend(tmp_path / "routing"),
+        backend=DirectoryBackend(work_dir / "routing"),
         wait=lambda step: 0.0,
         ready=lambda: clients,
+        **options,
     )
-    server = roundapi.RoundAPIServer(controller, token=TOKEN).start()
+
+
+@pytest.fixture
+def api(tmp_path: Path) -> Iterator[roundapi.RoundAPIServer]:
+    """A round API with a token, over a controller with four clients."""
+    server = roundapi.RoundAPIServer(_controller(tmp_path), token=TOKEN).start()
     yield server
     server.stop()
 
@@ -305,18 +310,8 @@ def test_health_and_metrics_stay_open(api) -> None:
 def test_the_demos_round_api_takes_only_its_token_across_a_controller_restart(
     tmp_path: Path,
 ) -> None:
-    clients = [f"c-0{i}" for i in range(4)]
-
     def make_controller() -> Controller:
-        return Controller(
-            clients=clients,
-            policy=policies.create("random"),
-            telemetry=_NoTelemetry(),
-            backend=DirectoryBackend(tmp_path / "routing"),
-            wait=lambda step: 0.0,
-            ready=lambda: clients,
-            state_path=tmp_path / "controller" / "state.json",
-        )
+        return _controller(tmp_path, state_path=tmp_path / "controller" / "state.json")
 
     host = demo.ControllerHost(make_controller, TOKEN)
     client = roundapi.RoundAPIClient(host.url, per_round=2, token=TOKEN)

@@ -14,21 +14,11 @@ from collections.abc import Mapping
 
 import yaml
 
+from meshctl.telemetry.prometheus import FIGURES
 from meshctl.types import ClientTelemetry
 
 OUTPUTS = ("table", "json", "yaml")
-FIELDS = (
-    "client",
-    "state",
-    "requests_per_s",
-    "error_ratio",
-    "latency_p50_ms",
-    "latency_p95_ms",
-    "mesh_failures_per_s",
-    "train_loss",
-    "train_examples",
-    "local_train_s",
-)
+FIELDS = ("client", "state", *FIGURES)
 _HEADERS = {
     "client": "CLIENT",
     "state": "STATE",
