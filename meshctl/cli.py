@@ -842,11 +842,11 @@ def select(
     print(selecting.render(result, output))
 
 
-def _per_round(given: int | None, document: object) -> int:
+def _per_round(given: int | None, document: policies.PolicyDocument | None) -> int:
     """``-k`` if given, else the policy file's clientsPerRound, else 5."""
     if given is not None:
         return given
-    return getattr(document, "clients_per_round", None) or 5
+    return (document.clients_per_round if document else None) or 5
 
 
 @app.command()

@@ -111,6 +111,20 @@ class TelemetryTable(Mapping[str, ClientTelemetry]):
         get = self.index.get
         return np.fromiter((get(c, -1) for c in clients), np.intp, len(clients))
 
+    def state_of(self, clients: Sequence[str]) -> np.ndarray:
+        """The state of each of ``clients``; UNOBSERVED for one not in the table."""
+        rows = self.rows_of(clients)
+        states = np.full(len(rows), UNOBSERVED, dtype=np.int8)
+        states[rows >= 0] = self.state[rows[rows >= 0]]
+        return states
+
+    def figure_of(self, name: str, clients: Sequence[str]) -> np.ndarray:
+        """The figure ``name`` of each of ``clients``; NaN for one not in the table."""
+        rows = self.rows_of(clients)
+        values = np.full(len(rows), np.nan)
+        values[rows >= 0] = self.figure(name)[rows[rows >= 0]]
+        return values
+
     # -- the mapping
 
     def __getitem__(self, client: str) -> ClientTelemetry:

@@ -97,3 +97,13 @@ def test_a_malformed_table_names_its_column(kwargs, says) -> None:
     clients = ["c-00"] if len(kwargs["state"]) == 1 else ["c-00", "c-01"]
     with pytest.raises(ValueError, match=says):
         TelemetryTable(clients, **kwargs)
+
+
+def test_a_client_not_in_the_table_is_unobserved_with_no_figures() -> None:
+    found = TelemetryTable.of(ROWS)
+
+    states = found.state_of(["c-02", "c-09"]).tolist()
+    p95 = found.figure_of("latency_p95_ms", ["c-00", "c-09"]).tolist()
+
+    assert states == [table.FAILING, table.UNOBSERVED]
+    assert p95[0] == 90.0 and math.isnan(p95[1])

@@ -101,10 +101,8 @@ class ControllerMetrics:
             self.routing_changes.inc()
         self._last_version = record.routing_version
 
-        telemetry = TelemetryTable.of(record.telemetry)
-        rows = telemetry.rows_of(clients)
-        counts = np.bincount(telemetry.state[rows[rows >= 0]], minlength=len(STATES))
-        counts[STATES.index(ClientState.UNOBSERVED)] += int(np.sum(rows < 0))
+        states = TelemetryTable.of(record.telemetry).state_of(clients)
+        counts = np.bincount(states, minlength=len(STATES))
         for state, count in zip(STATES, counts.tolist(), strict=True):
             self.clients.labels(state.value).set(count)
         self._per_client.record, self._per_client.clients = record, tuple(clients)

@@ -235,7 +235,9 @@ class MeshPolicy:
         candidates = list(given.candidates)
         rows = self._estimates.rows(candidates)
         measured = self._estimates.measured()[rows]
-        scored = [c for c, m in zip(candidates, measured.tolist(), strict=True) if m]
+        flags = measured.tolist()
+        scored = [c for c, m in zip(candidates, flags, strict=True) if m]
+        unmeasured = [c for c, m in zip(candidates, flags, strict=True) if not m]
         scored_rows = rows[measured]
         values = self._scores(scored_rows, server_round, k)
         scores = dict(zip(scored, values.tolist(), strict=True))
@@ -243,7 +245,6 @@ class MeshPolicy:
         reasons: dict[str, str] = {}
 
         # Exploration first, so that never-measured clients get a chance.
-        unmeasured = [c for c in candidates if c not in scores]
         explore = min(len(unmeasured), max(1, round(self.settings.exploration * k)))
         explore = max(explore, min(len(unmeasured), k - len(scores)))
         for client in rng.sample(unmeasured, explore):
@@ -269,7 +270,7 @@ class MeshPolicy:
         eligible, held = np.flatnonzero(~rested), np.flatnonzero(rested)
         randoms = np.array([rng.random() for _ in range(len(eligible))])
         ranked = [
-            scored[i] for i in eligible[ranked_first(values[eligible], randoms, k)]
+            scored[i] for i in eligible[best_positions(values[eligible], randoms, k)]
         ]
         taken = set(chosen)
         untried = [c for c in unmeasured if c not in taken]
@@ -469,7 +470,7 @@ def _reason(client: str, scores: dict[str, float], filtered: set[str]) -> str:
     return f"score {scores[client]:.3f}"
 
 
-def ranked_first(scores: np.ndarray, randoms: np.ndarray, count: int) -> np.ndarray:
+def best_positions(scores: np.ndarray, randoms: np.ndarray, count: int) -> np.ndarray:
     """The positions of the ``count`` best scores, best first.
 
     The order of sorting by ``(-score, random, position)``, without sorting a
@@ -494,7 +495,7 @@ def first_ranked(
     see :func:`ranked_first`."""
     clients = list(scores)
     values = np.array(list(scores.values()), dtype=np.float64)
-    return [clients[i] for i in ranked_first(values, np.array(randoms), count)]
+    return [clients[i] for i in best_positions(values, np.array(randoms), count)]
 
 
 def _quantile(values: np.ndarray, share: float) -> float | None:

@@ -285,20 +285,13 @@ class OortPolicy:
         never saw gets the median weight of the measured ones (1 if none).
         """
         telemetry = TelemetryTable.of(given.telemetry)
-        rows = telemetry.rows_of(clients)
-        known = rows >= 0
-        p95 = telemetry.figure("latency_p95_ms")[rows[known]]
-        seen = np.zeros(len(clients), dtype=bool)
-        seen[known] = (
-            (telemetry.state[rows[known]] != table.UNOBSERVED)
+        p95 = telemetry.figure_of("latency_p95_ms", clients)
+        seen = (
+            (telemetry.state_of(clients) != table.UNOBSERVED)
             & np.isfinite(p95)
             & (p95 != 0)
         )
-        latency_ms = np.full(len(clients), np.nan)
-        latency_ms[known] = p95
-        latencies = {
-            clients[i]: float(latency_ms[i]) for i in np.flatnonzero(seen).tolist()
-        }
+        latencies = {clients[i]: float(p95[i]) for i in np.flatnonzero(seen).tolist()}
         if not latencies:
             return {c: 1.0 for c in clients}
         fastest = min(latencies.values())
