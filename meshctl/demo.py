@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import secrets
 import signal
 import tempfile
@@ -101,11 +102,12 @@ class DemoSettings:
             raise ValueError("--per-round must be between 1 and --clients")
         if self.rounds < 1:
             raise ValueError("--rounds must be at least 1")
-        if self.time_scale <= 0 or self.deadline_s <= 0:
-            raise ValueError(
-                f"--time-scale ({self.time_scale}) and --deadline-s "
-                f"({self.deadline_s}) must be positive"
-            )
+        for option, value in (
+            ("--time-scale", self.time_scale),
+            ("--deadline-s", self.deadline_s),
+        ):
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{option} ({value}) must be a positive number")
         if not 0 <= self.failing_clients <= self.clients:
             raise ValueError(
                 f"--failing-clients ({self.failing_clients}) must be between 0 and "

@@ -57,6 +57,18 @@ def test_an_unknown_policy_is_a_usage_error_naming_the_known_ones() -> None:
     ("args", "code", "says"),
     [
         pytest.param(
+            ["--time-scale=nan"],
+            exitcodes.ExitCode.USAGE,
+            "--time-scale (nan) must be a positive number",
+            id="time-scale-nan",
+        ),
+        pytest.param(
+            ["--deadline-s=inf"],
+            exitcodes.ExitCode.USAGE,
+            "--deadline-s (inf) must be a positive number",
+            id="deadline-inf",
+        ),
+        pytest.param(
             ["--dataset=fedscale"],
             exitcodes.ExitCode.USAGE,
             "--dataset must be one of ton_iot, nsl_kdd, not 'fedscale'",

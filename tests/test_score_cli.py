@@ -112,6 +112,11 @@ def test_an_unreachable_prometheus_is_a_telemetry_failure() -> None:
             ["-o", "xml"], "-o is table, json or yaml, not 'xml'", id="output"
         ),
         pytest.param(
+            ["--timeout", "nan"],
+            "the timeout (nan s) must be a positive number",
+            id="timeout",
+        ),
+        pytest.param(
             ["--short-window", "shrink"],
             "--short-window is widen or refuse, not 'shrink'",
             id="short-window",
@@ -123,6 +128,13 @@ def test_a_bad_option_is_a_usage_error_naming_it(args, says) -> None:
 
     assert result.exit_code == int(ExitCode.USAGE)
     assert says in " ".join(result.stderr.split())
+
+
+def test_a_malformed_prometheus_url_is_a_usage_error_naming_it() -> None:
+    result = _score("http://[::1")
+
+    assert result.exit_code == int(ExitCode.USAGE)
+    assert "Prometheus URL 'http://[::1' is not a URL" in result.stderr
 
 
 @pytest.mark.parametrize("url", ["not-a-url", "ftp://prometheus", "http://"])

@@ -160,8 +160,12 @@ def finite(value: float | None) -> float | None:
 def check_url(url: str) -> str:
     """``url`` when it names a Prometheus server (http or https, and a host);
     a ValueError that says so otherwise."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    try:
+        parts = urlsplit(url)
+        hostname = parts.hostname
+    except ValueError as exc:  # an unclosed IPv6 bracket, say
+        raise ValueError(f"Prometheus URL {url!r} is not a URL: {exc}") from exc
+    if parts.scheme not in ("http", "https") or not hostname:
         raise ValueError(
             f"Prometheus URL {url!r} is not an http(s) URL such as "
             "http://prometheus.monitoring:9090"
@@ -504,6 +508,8 @@ class PrometheusSource:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.url = check_url(url).rstrip("/")
+        if not (math.isfinite(timeout_s) and timeout_s > 0):
+            raise ValueError(f"the timeout ({timeout_s} s) must be a positive number")
         self.queries = QuerySet(
             service=service,
             namespace=namespace,
